@@ -1,0 +1,49 @@
+"""Checks for a notebook's parameters cell, so a bad papermill override fails
+at once with a message naming the parameter and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"parameter {name} must be True or False, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"parameter {name} must be an int, got {type(value).__name__} ({value!r})")
+    _check_range(name, value, minimum, maximum)
+    return value
+
+
+def check_float(name: str, value: object, minimum: float | None = None, maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"parameter {name} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"parameter {name} must be finite, got {value!r}")
+    _check_range(name, value, minimum, maximum)
+    return float(value)
+
+
+def check_floats(name: str, values: object, minimum: float | None = None,
+                 maximum: float | None = None) -> list[float]:
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+        raise TypeError(f"parameter {name} must be a non-empty list of numbers, got {values!r}")
+    return [check_float(f"{name}[{i}]", v, minimum, maximum) for i, v in enumerate(values)]
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"parameter {name}={value!r} is not allowed; choose one of {list(allowed)}")
+    return value
+
+
+def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise ValueError(f"parameter {name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"parameter {name} must be <= {maximum}, got {value!r}")

@@ -1,0 +1,114 @@
+"""Run-time settings shared by every chapter: seeding, device choice, quick mode, progress bars.
+
+Library code never touches global random state on its own; it takes a
+``torch.Generator`` made by :func:`generator`. Notebooks call :func:`seed_everything`
+once, after their parameters cell, so that plain ``torch.randn`` calls in the
+narrative are reproducible too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+DEVICE_ENV = "NESTED_LAB_DEVICE"
+QUICK_ENV = "NESTED_LAB_QUICK"
+HEADLESS_ENV = "NESTED_LAB_HEADLESS"
+KNOWN_DEVICES = ("cpu", "cuda", "mps")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's legacy global state and torch (CPU and CUDA)."""
+    _check_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    _check_seed(seed)
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(seed)
+    return gen
+
+
+def generators(seeds: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One independent generator per seed, for multi-seed experiments."""
+    return [generator(s, device) for s in seeds]
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
+def available_devices() -> list[str]:
+    """Devices torch can use on this machine, best first."""
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return [*found, "cpu"]
+
+
+def device(requested: str | None = None) -> torch.device:
+    """The device to compute on: cuda > mps > cpu, unless ``requested`` or
+    env ``NESTED_LAB_DEVICE`` names one.
+
+    Raises ``ValueError`` for an unknown device name and ``RuntimeError`` for a
+    known one this machine does not have.
+    """
+    name = requested if requested is not None else os.environ.get(DEVICE_ENV, "").strip()
+    if not name:
+        return torch.device(available_devices()[0])
+    if not isinstance(name, str):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(name).__name__}")
+    kind, _, index = name.partition(":")
+    if kind not in KNOWN_DEVICES or (index and not index.isdigit()):
+        origin = "argument" if requested is not None else f"env {DEVICE_ENV}"
+        raise ValueError(
+            f"unknown device {name!r} (from {origin}); allowed: "
+            f"{', '.join(KNOWN_DEVICES)}, optionally with an index such as 'cuda:1'"
+        )
+    if kind not in available_devices():
+        raise RuntimeError(
+            f"device {name!r} is not available on this machine; available: {', '.join(available_devices())}"
+        )
+    return torch.device(name)
+
+
+def is_quick(default: bool = False) -> bool:
+    """The QUICK flag from env ``NESTED_LAB_QUICK`` ("1" = quick, "0" = full)."""
+    raw = os.environ.get(QUICK_ENV)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{QUICK_ENV}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+
+def is_headless() -> bool:
+    """True when env ``NESTED_LAB_HEADLESS`` is "1" (set by the book build and the tests)."""
+    return os.environ.get(HEADLESS_ENV, "0").strip() == "1"
+
+
+def progress(iterable=None, **kwargs):
+    """A ``tqdm`` progress bar: the notebook widget in JupyterLab, plain text on
+    stderr when headless, so that no widget reaches the published HTML."""
+    if is_headless():
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
