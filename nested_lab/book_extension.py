@@ -9,7 +9,8 @@ It adds four things to the stock Jupyter Book 1 build:
 3. it renders the ``{ledger-table}`` directive at write time, after every
    notebook of the build has executed and written its records;
 4. it serves ``plotly.min.js`` once from ``_static`` and loads it only on pages
-   that hold a static slider.
+   that hold a static slider, and drops the duplicated inline scripts that make a
+   default Jupyter Book 1 page raise ``THEBE_JS_URL has already been declared``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def _on_doctree_resolved(app: Sphinx, doctree, docname: str) -> None:
 def _on_html_page_context(app: Sphinx, pagename, templatename, context, doctree) -> None:
     if MARKER_CLASS in context.get("body", ""):
         app.add_js_file("plotly.min.js", priority=100)
+    _drop_duplicate_scripts(context.get("script_files", []))
+
+
+def _drop_duplicate_scripts(scripts: list) -> None:
+    """Keep the first of identical script tags. Inline scripts that an extension
+    registers after the builder starts (sphinx-thebe's ``const THEBE_JS_URL``) are
+    otherwise emitted twice, and the second ``const`` raises a SyntaxError on every page."""
+    seen, unique = set(), []
+    for script in scripts:
+        key = (script.filename or "", tuple(sorted(script.attributes.items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    scripts[:] = unique
 
 
 def _on_build_finished(app: Sphinx, exception) -> None:

@@ -1,0 +1,45 @@
+"""Every notebook of the table of contents, validated with nbval in quick mode.
+
+Notebooks are stored without outputs, so nbval compares a fresh execution with
+the book build's executed copy: the cells marked ``# NBVAL_CHECK_OUTPUT``
+(deterministic summaries) must come out identical -- same seed, same numbers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from conftest import ROOT, headless_env, toc_notebooks
+
+NOTEBOOKS = toc_notebooks()
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs(notebook):
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{notebook.name} has outputs in git"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_first_code_cell_holds_the_parameters(notebook):
+    first = next(c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
+    assert "parameters" in first.metadata.get("tags", [])
+    assert "QUICK =" in first.source and "SEED =" in first.source
+
+
+@pytest.mark.book
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_notebook_reproduces_its_checked_outputs(notebook, quick_book, tmp_path):
+    executed = quick_book.executed / notebook.relative_to(ROOT)
+    checked = [c for c in nbformat.read(executed, as_version=4).cells
+               if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source]
+    assert checked and all(c.outputs for c in checked), "each notebook needs a checked, non-empty summary"
+    command = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:randomly",
+               "-p", "no:cacheprovider", "-q", str(executed)]
+    result = subprocess.run(command, env=headless_env(tmp_path / "ledger"), capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

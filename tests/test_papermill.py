@@ -1,0 +1,36 @@
+"""Running a chapter with papermill: overridden parameters, and a wrong one."""
+
+from __future__ import annotations
+
+import json
+
+import papermill as pm
+import pytest
+from conftest import ROOT, headless_env
+
+CHAPTER0 = ROOT / "notebooks" / "00_reading_this_book.ipynb"
+
+
+@pytest.fixture
+def papermill_env(tmp_path, monkeypatch):
+    for key, value in headless_env(tmp_path / "ledger").items():
+        monkeypatch.setenv(key, value)
+    return tmp_path
+
+
+def test_chapter0_runs_with_other_parameters(papermill_env):
+    out = papermill_env / "out.ipynb"
+    pm.execute_notebook(CHAPTER0, out, parameters={"SEED": 3, "STEPS": 60, "MATRIX_DIM": 6},
+                        kernel_name="python3", progress_bar=False, cwd=papermill_env)
+    records = json.loads((papermill_env / "ledger" / "00_reading_this_book.json").read_text())
+    assert {r["id"] for r in records} == {"quadratic.stable-iff-lr-lambda-below-2",
+                                          "quadratic.oscillates-between-1-and-2",
+                                          "quadratic.critical-lr-is-2-over-lambda-max"}
+    assert all(r["verdict"] == "confirmed" for r in records)
+    assert "STEPS = 60" in out.read_text()
+
+
+def test_wrong_typed_parameter_gives_a_clear_error(papermill_env):
+    with pytest.raises(pm.PapermillExecutionError, match="parameter SEED must be an int, got str"):
+        pm.execute_notebook(CHAPTER0, papermill_env / "bad.ipynb", parameters={"SEED": "three"},
+                            kernel_name="python3", progress_bar=False, cwd=papermill_env)
