@@ -3,6 +3,7 @@
 Notebooks are stored without outputs, so nbval compares a fresh execution with
 the book build's executed copy: the cells marked ``# NBVAL_CHECK_OUTPUT``
 (deterministic summaries) must come out identical -- same seed, same numbers.
+Only stdout and results are compared, never stderr (see ``nbval_ignore_stderr``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_notebook_reproduces_its_checked_outputs(notebook, quick_book, tmp_path)
                if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source]
     assert checked and all(c.outputs for c in checked), "each notebook needs a checked, non-empty summary"
     command = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:randomly",
-               "-p", "no:cacheprovider", "-q", str(executed)]
-    result = subprocess.run(command, env=headless_env(tmp_path / "ledger"), capture_output=True, text=True,
-                            cwd=tmp_path, timeout=600)
+               "-p", "no:cacheprovider", "-p", "nbval_ignore_stderr", "-q", str(executed)]
+    env = headless_env(tmp_path / "ledger", PYTHONPATH=str(ROOT / "tests"))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -49,11 +49,13 @@ class StaticSlider:
 def static_slider(grid: Mapping[float | str, Mapping[str, Curve]], *, slider_label: str,
                   x_label: str, y_label: str, title: str = "", log_y: bool = False,
                   y_range: tuple[float, float] | None = None,
-                  initial: float | str | None = None) -> StaticSlider:
+                  initial: float | str | None = None, dashed: Sequence[str] = ()) -> StaticSlider:
     """Turn ``grid`` (slider value -> {curve name -> (x, y)}) into a :class:`StaticSlider`.
 
     Every slider value must give the same curve names. Non-finite y values are
-    drawn as gaps. ``initial`` picks the slider value shown first (default: the first).
+    drawn as gaps. ``initial`` picks the slider value shown first (default: the
+    first); curves named in ``dashed`` are drawn as dashed lines without markers
+    (e.g. a theoretical prediction over measured points).
     """
     values = list(grid)
     if not values:
@@ -67,6 +69,8 @@ def static_slider(grid: Mapping[float | str, Mapping[str, Curve]], *, slider_lab
         for name, curve in grid[value].items():
             _check_curve(value, name, curve)
     initial = values[0] if initial is None else initial
+    if unknown := [name for name in dashed if name not in names]:
+        raise ValueError(f"dashed names unknown curves {unknown}; curves are {names}")
     if initial not in grid:
         raise ValueError(f"initial={initial!r} is not a slider value; choose one of {values}")
     if y_range is not None and (len(y_range) != 2 or y_range[0] >= y_range[1]):
@@ -76,8 +80,8 @@ def static_slider(grid: Mapping[float | str, Mapping[str, Curve]], *, slider_lab
 
     palette = colors(len(names))
     fig = go.Figure([
-        go.Scatter(x=_round(x), y=_round(y), name=name, mode="lines+markers",
-                   marker={"size": 4}, line={"color": palette[i]})
+        go.Scatter(x=_round(x), y=_round(y), name=name, mode="lines" if name in dashed else "lines+markers",
+                   marker={"size": 5}, line={"color": palette[i], "dash": "dash" if name in dashed else "solid"})
         for i, (name, (x, y)) in enumerate(grid[initial].items())
     ])
     fig.update_layout(
