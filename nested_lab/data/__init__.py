@@ -1,0 +1,1 @@
+"""Data that needs no download: the standard library's own text, and synthetic streams."""

@@ -1,0 +1,50 @@
+"""A character-level corpus from the Python standard library (``pydoc_data.topics``,
+about 465k characters of English technical prose): no download, same text everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pydoc_data.topics import topics
+
+import torch
+
+
+def stdlib_text() -> str:
+    """The pydoc topic texts, concatenated in sorted-key order."""
+    return "\n".join(topics[key] for key in sorted(topics))
+
+
+@dataclass(frozen=True)
+class CharCorpus:
+    """The text encoded as integer ids, split into a training and a validation part."""
+
+    vocabulary: str
+    train: torch.Tensor
+    val: torch.Tensor
+
+    @classmethod
+    def from_text(cls, text: str, val_fraction: float = 0.1) -> CharCorpus:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        vocabulary = "".join(sorted(set(text)))
+        index = {ch: i for i, ch in enumerate(vocabulary)}
+        ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
+        split = int(len(ids) * (1 - val_fraction))
+        return cls(vocabulary, ids[:split], ids[split:])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocabulary)
+
+    def batch(self, split: str, batch_size: int, context: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random windows: inputs ``[B, context]`` and the next character ``[B]``."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if batch_size < 1 or context < 1:
+            raise ValueError(f"batch_size and context must be >= 1, got {batch_size}, {context}")
+        ids = self.train if split == "train" else self.val
+        starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=generator)
+        offsets = torch.arange(context + 1)
+        windows = ids[starts[:, None] + offsets]
+        return windows[:, :-1], windows[:, -1]

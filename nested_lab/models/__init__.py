@@ -1,0 +1,1 @@
+"""Models: small, readable, one file each."""

@@ -1,0 +1,8 @@
+"""Optimizers: the ContinuumOptimizer replica, its controller and meta-losses."""
+
+from nested_lab.optim.continuum import META_LOSSES, VARIANTS, ContinuumConfig, ContinuumOptimizer
+from nested_lab.optim.controller import INPUT_SCALINGS, LRController, multiplier
+from nested_lab.optim.unrolled import UnrollProblem
+
+__all__ = ["INPUT_SCALINGS", "META_LOSSES", "VARIANTS", "ContinuumConfig", "ContinuumOptimizer",
+           "LRController", "UnrollProblem", "multiplier"]
