@@ -112,6 +112,8 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict) -> Record:
         """A record read back from JSON; malformed expectations or unknown verdicts raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ledger record must be a JSON object, got {data!r}")
         required = [f.name for f in fields(cls) if f.name not in ("note", "values")]
         missing = [name for name in required if name not in data]
         if missing:
@@ -195,6 +197,8 @@ class Ledger:
 
 
 def _as_values(measured) -> list[float | str]:
+    if hasattr(measured, "tolist") and getattr(measured, "ndim", 0) > 0:  # numpy arrays, torch tensors
+        measured = measured.tolist()
     is_sequence = isinstance(measured, Sequence) and not isinstance(measured, str)
     items = list(measured) if is_sequence else [measured]
     if not items:
@@ -245,7 +249,10 @@ def load_records(directory: str | Path, chapters: Sequence[str] | None = None) -
             raise ValueError(f"ledger file {path} is not valid JSON: {err}") from err
         if not isinstance(rows, list):
             raise ValueError(f"ledger file {path} must hold a list of records")
-        records.extend(Record.from_dict(row) for row in rows)
+        try:
+            records.extend(Record.from_dict(row) for row in rows)
+        except ValueError as err:
+            raise ValueError(f"ledger file {path}: {err}") from err
     return records
 
 
@@ -275,7 +282,7 @@ def render_html(records: Sequence[Record]) -> str:
 def _row(r: Record) -> str:
     measured = f"{r.measured:.4g}" if isinstance(r.measured, float) else str(r.measured)
     mode = " (quick)" if r.quick else ""
-    return (f'<tr id="ledger-{_e(r.id)}" data-record-id="{_e(r.chapter)}/{_e(r.id)}">'
+    return (f'<tr id="ledger-{_e(r.chapter)}-{_e(r.id)}" data-record-id="{_e(r.chapter)}/{_e(r.id)}">'
             f"<td><code>{_e(r.id)}</code><br>{_e(r.claim)}</td>"
             f"<td>{_e(measured)} {_e(r.unit)}</td><td><code>{_e(r.expected)}</code></td>"
             f'<td class="verdict-{_e(r.verdict)}">{_e(r.verdict)}</td>'

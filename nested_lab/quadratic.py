@@ -35,13 +35,13 @@ def gd_scalar_trajectories(lrs, curvatures, x0: float = 1.0, steps: int = 50) ->
 def regime(trajectories: torch.Tensor) -> list[str]:
     """Classify trajectories of shape ``[steps + 1, n]``.
 
-    ``divergent``: the last iterate is larger in magnitude than the first;
+    ``divergent``: the last iterate is larger in magnitude than the first, or not finite;
     ``oscillating``: not divergent, and the sign flips on every step;
     ``monotone``: everything else.
     """
     if trajectories.ndim != 2 or trajectories.shape[0] < 2:
         raise ValueError(f"trajectories must have shape [steps + 1 >= 2, n], got {tuple(trajectories.shape)}")
-    grows = trajectories[-1].abs() > trajectories[0].abs()
+    grows = ~(trajectories[-1].abs() <= trajectories[0].abs())  # an overflowed (NaN) run diverged
     flips = (torch.sign(trajectories[1:]) * torch.sign(trajectories[:-1]) < 0).all(dim=0)
     return [REGIMES[2] if g else REGIMES[1] if f else REGIMES[0]
             for g, f in zip(grows.tolist(), flips.tolist(), strict=True)]

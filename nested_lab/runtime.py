@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -67,13 +68,13 @@ def device(requested: str | None = None) -> torch.device:
     Raises ``ValueError`` for an unknown device name and ``RuntimeError`` for a
     known one this machine does not have.
     """
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(requested).__name__}")
     name = requested if requested is not None else os.environ.get(DEVICE_ENV, "").strip()
     if not name:
         return torch.device(available_devices()[0])
-    if not isinstance(name, str):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(name).__name__}")
-    kind, _, index = name.partition(":")
-    if kind not in KNOWN_DEVICES or (index and not index.isdigit()):
+    kind = name.partition(":")[0]
+    if not re.fullmatch(rf"({'|'.join(KNOWN_DEVICES)})(:\d+)?", name):
         origin = "argument" if requested is not None else f"env {DEVICE_ENV}"
         raise ValueError(
             f"unknown device {name!r} (from {origin}); allowed: "

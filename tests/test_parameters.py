@@ -1,0 +1,140 @@
+"""Unit tests for nested_lab.parameters: the checks of a notebook's parameters cell."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nested_lab.parameters import check_bool, check_choice, check_float, check_floats, check_int
+
+# ----- check_bool --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_check_bool_accepts_bools(value):
+    assert check_bool("QUICK", value) is value
+
+
+@pytest.mark.parametrize("value", [1, 0, "True", None, 1.0, np.bool_(True)])
+def test_check_bool_rejects_non_bools(value):
+    with pytest.raises(TypeError, match="parameter QUICK must be True or False"):
+        check_bool("QUICK", value)
+
+
+# ----- check_int ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, 1, -7, 10**12])
+def test_check_int_accepts_ints(value):
+    assert check_int("STEPS", value) == value
+
+
+def test_check_int_accepts_range_boundaries():
+    assert check_int("STEPS", 1, minimum=1, maximum=5) == 1
+    assert check_int("STEPS", 5, minimum=1, maximum=5) == 5
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, "3", None, [1]])
+def test_check_int_rejects_wrong_type(value):
+    with pytest.raises(TypeError, match="parameter STEPS must be an int"):
+        check_int("STEPS", value)
+
+
+def test_check_int_below_minimum_raises():
+    with pytest.raises(ValueError, match="parameter STEPS must be >= 1, got 0"):
+        check_int("STEPS", 0, minimum=1)
+
+
+def test_check_int_above_maximum_raises():
+    with pytest.raises(ValueError, match="parameter STEPS must be <= 100, got 101"):
+        check_int("STEPS", 101, maximum=100)
+
+
+# ----- check_float -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.1, 0.1), (3, 3.0), (-2.5, -2.5), (np.float64(0.25), 0.25)])
+def test_check_float_accepts_numbers_and_returns_float(value, expected):
+    result = check_float("LR", value)
+    assert type(result) is float
+    assert result == expected
+
+
+def test_check_float_accepts_range_boundaries():
+    assert check_float("LR", 0.0, minimum=0.0, maximum=1.0) == 0.0
+    assert check_float("LR", 1.0, minimum=0.0, maximum=1.0) == 1.0
+
+
+@pytest.mark.parametrize("value", [True, False, "0.1", None, [0.1], 1j])
+def test_check_float_rejects_wrong_type(value):
+    with pytest.raises(TypeError, match="parameter LR must be a number"):
+        check_float("LR", value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_check_float_rejects_non_finite(value):
+    with pytest.raises(ValueError, match="parameter LR must be finite"):
+        check_float("LR", value)
+
+
+def test_check_float_below_minimum_raises():
+    with pytest.raises(ValueError, match=r"parameter LR must be >= 0\.0, got -0\.1"):
+        check_float("LR", -0.1, minimum=0.0)
+
+
+def test_check_float_above_maximum_raises():
+    with pytest.raises(ValueError, match=r"parameter LR must be <= 2\.0, got 2\.5"):
+        check_float("LR", 2.5, maximum=2.0)
+
+
+# ----- check_floats ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[0.1, 1, 2.5], (0.5,)])
+def test_check_floats_accepts_sequences_and_returns_list_of_floats(values):
+    result = check_floats("LRS", values)
+    assert result == [float(v) for v in values]
+    assert all(type(v) is float for v in result)
+
+
+@pytest.mark.parametrize("values", [[], (), "0.1", b"1", 0.1, None, {0.1, 0.2}, np.array([0.1])])
+def test_check_floats_rejects_non_sequences_and_empty(values):
+    with pytest.raises(TypeError, match="parameter LRS must be a non-empty list of numbers"):
+        check_floats("LRS", values)
+
+
+def test_check_floats_wrong_item_type_names_the_index():
+    with pytest.raises(TypeError, match=r"parameter LRS\[1\] must be a number"):
+        check_floats("LRS", [0.1, True])
+
+
+def test_check_floats_non_finite_item_names_the_index():
+    with pytest.raises(ValueError, match=r"parameter LRS\[2\] must be finite"):
+        check_floats("LRS", [0.1, 0.2, math.nan])
+
+
+def test_check_floats_out_of_range_item_names_the_index():
+    with pytest.raises(ValueError, match=r"parameter LRS\[0\] must be >= 0"):
+        check_floats("LRS", [-1.0, 0.5], minimum=0)
+    with pytest.raises(ValueError, match=r"parameter LRS\[1\] must be <= 1"):
+        check_floats("LRS", [0.5, 1.5], maximum=1)
+
+
+# ----- check_choice ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["sgd", "adam"])
+def test_check_choice_accepts_allowed(value):
+    assert check_choice("OPTIMIZER", value, ["sgd", "adam"]) == value
+
+
+def test_check_choice_accepts_tuple_of_allowed():
+    assert check_choice("OPTIMIZER", "adam", ("sgd", "adam")) == "adam"
+
+
+@pytest.mark.parametrize("value", ["rmsprop", "SGD", "", None, 3])
+def test_check_choice_rejects_not_allowed(value):
+    with pytest.raises(ValueError, match=r"parameter OPTIMIZER=.* is not allowed; choose one of \['sgd', 'adam'\]"):
+        check_choice("OPTIMIZER", value, ["sgd", "adam"])
