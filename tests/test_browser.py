@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SLIDER_PAGES = ["notebooks/00_reading_this_book.html"]
+SLIDER_PAGES = ["notebooks/00_reading_this_book.html", "notebooks/01_meta_loss_collapse.html"]
 
 
 def _require_chromium() -> None:

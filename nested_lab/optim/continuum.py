@@ -98,6 +98,7 @@ class ControllerTrace:
     raw: list[list[float]] = field(default_factory=list)  # per controller update
     meta_grad_norm: list[float] = field(default_factory=list)  # per meta-step
     meta_loss: list[float] = field(default_factory=list)
+    meta_branch: list[str] = field(default_factory=list)  # proxy only: warmup, improving, stagnating
 
 
 class ContinuumOptimizer:
@@ -182,6 +183,7 @@ class ContinuumOptimizer:
             if self.config.meta_loss == "proxy":
                 self.proxy.record(loss, m)  # recorded BEFORE the loss, as in the original
                 value = self.proxy(m)
+                self.trace.meta_branch.append(self.proxy.last_branch)
             else:
                 value = regularization_loss(m)
             value.backward()
