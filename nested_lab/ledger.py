@@ -271,19 +271,21 @@ def render_html(records: Sequence[Record]) -> str:
     rows = []
     for chapter in dict.fromkeys(r.chapter for r in records):
         group = [r for r in records if r.chapter == chapter]
-        sources = ", ".join(dict.fromkeys(r.source for r in group if r.source)) or "(none)"
+        sources = [r.source for r in group]
+        main = max(dict.fromkeys(sources), key=sources.count) or "(none)"
         rows.append(f'<tr class="ledger-chapter"><th colspan="6">{_e(chapter)} &mdash; '
-                    f"source: {_e(sources)}</th></tr>")
-        rows.extend(_row(r) for r in group)
+                    f"source: {_e(main)}</th></tr>")
+        rows.extend(_row(r, show_source=r.source != main) for r in group)
     return (f'<table class="ledger-table"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def _row(r: Record) -> str:
+def _row(r: Record, show_source: bool) -> str:
     measured = f"{r.measured:.4g}" if isinstance(r.measured, float) else str(r.measured)
     mode = " (quick)" if r.quick else ""
+    source = f'<br><span class="ledger-source">source: {_e(r.source)}</span>' if show_source else ""
     return (f'<tr id="ledger-{_e(r.chapter)}-{_e(r.id)}" data-record-id="{_e(r.chapter)}/{_e(r.id)}">'
-            f"<td><code>{_e(r.id)}</code><br>{_e(r.claim)}</td>"
+            f"<td><code>{_e(r.id)}</code><br>{_e(r.claim)}{source}</td>"
             f"<td>{_e(measured)} {_e(r.unit)}</td><td><code>{_e(r.expected)}</code></td>"
             f'<td class="verdict-{_e(r.verdict)}">{_e(r.verdict)}</td>'
             f"<td>{r.seeds}{mode}</td><td>{_e(r.note)}</td></tr>")
