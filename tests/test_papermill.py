@@ -34,3 +34,13 @@ def test_wrong_typed_parameter_gives_a_clear_error(papermill_env):
     with pytest.raises(pm.PapermillExecutionError, match="parameter SEED must be an int, got str"):
         pm.execute_notebook(CHAPTER0, papermill_env / "bad.ipynb", parameters={"SEED": "three"},
                             kernel_name="python3", progress_bar=False, cwd=papermill_env)
+
+
+@pytest.mark.book
+def test_chapter1_verdicts_do_not_depend_on_the_seed(papermill_env, quick_book):
+    chapter = ROOT / "notebooks" / "01_meta_loss_collapse.ipynb"
+    pm.execute_notebook(chapter, papermill_env / "ch1.ipynb", parameters={"SEED": 11},
+                        kernel_name="python3", progress_bar=False, cwd=papermill_env)
+    other = json.loads((papermill_env / "ledger" / "01_meta_loss_collapse.json").read_text())
+    reference = json.loads((quick_book.ledger / "01_meta_loss_collapse.json").read_text())
+    assert [(r["id"], r["verdict"]) for r in other] == [(r["id"], r["verdict"]) for r in reference]
