@@ -208,6 +208,8 @@ def test_bad_inputs_raise():
     opt = ContinuumOptimizer([{"params": [param]}])
     with pytest.raises(ValueError, match="finite float"):
         opt.step(float("nan"))
+    with pytest.raises(ValueError, match="finite float"):
+        opt.step(float("inf"))
     with pytest.raises(ValueError, match=r"shape \[groups, 3\]"):
         LRController()(torch.ones(2, 4))
     with pytest.raises(ValueError, match="allowed"):

@@ -19,6 +19,7 @@ Before the first controller call every multiplier is 1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -141,7 +142,7 @@ class ContinuumOptimizer:
 
     def step(self, loss: float) -> None:
         """One base step; first, on its schedule, the controller sets the multipliers."""
-        if not isinstance(loss, int | float) or loss != loss:
+        if isinstance(loss, bool) or not isinstance(loss, int | float) or not math.isfinite(loss):
             raise ValueError(f"step needs the training loss as a finite float, got {loss!r}")
         self.steps += 1
         cfg = self.config
