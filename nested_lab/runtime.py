@@ -8,9 +8,11 @@ narrative are reproducible too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -42,6 +44,17 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
 def generators(seeds: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One independent generator per seed, for multi-seed experiments."""
     return [generator(s, device) for s in seeds]
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Run a block that draws from torch's global generator (``nn.Linear`` initialisation,
+    ``F.gumbel_softmax``) with that generator seeded by ``seed``, restoring its state afterwards."""
+    _check_seed(seed)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _check_seed(seed: int) -> None:

@@ -256,3 +256,19 @@ def test_progress_not_headless_is_a_tqdm_that_iterates():
     bar = runtime.progress(["a", "b"], disable=True)
     assert isinstance(bar, tqdm.std.tqdm)
     assert list(bar) == ["a", "b"]
+
+
+def test_seeded_block_is_reproducible_and_restores_the_global_generator():
+    torch.manual_seed(5)
+    expected_next = torch.rand(2)
+    torch.manual_seed(5)
+    with runtime.seeded(11):
+        first = torch.rand(3)
+    assert torch.equal(torch.rand(2), expected_next)
+    with runtime.seeded(11):
+        assert torch.equal(torch.rand(3), first)
+
+
+def test_seeded_rejects_a_bad_seed():
+    with pytest.raises(ValueError, match="seed must be >= 0"), runtime.seeded(-1):
+        pass

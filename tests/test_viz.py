@@ -12,9 +12,19 @@ import re
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 
-from nested_lab.viz import StaticSlider, colors, live_slider, static_slider, use_book_style
+from nested_lab.train.metrics import MetricStream
+from nested_lab.viz import (
+    LiveDashboard,
+    StaticSlider,
+    colors,
+    dashboard_figure,
+    live_slider,
+    static_slider,
+    use_book_style,
+)
 from nested_lab.viz.static_slider import MARKER_CLASS
 
 X = [0.0, 1.0, 2.0, 3.0]
@@ -371,3 +381,42 @@ def test_live_slider_interactive_draw_returning_non_figure_raises(interactive):
     with pytest.raises(TypeError, match="draw must return a matplotlib Figure, got Axes"):
         live_slider(lambda **_: plt.subplots()[1], **_controls())
     plt.close("all")
+
+
+# ----- dashboard ------------------------------------------------------------------------------
+
+
+def _records(n: int = 30) -> pd.DataFrame:
+    return pd.DataFrame({"batch": range(1, n + 1), "loss": np.linspace(4, 3, n), "grad_norm": np.ones(n),
+                         "clip": np.ones(n), "gate_current": np.full(n, 0.5), "gate_stm": np.full(n, 0.3),
+                         "gate_ltm": np.full(n, 0.2), "stm_entries": np.arange(n), "ltm_rows": np.arange(n) * 3})
+
+
+def test_dashboard_figure_has_four_labelled_panels():
+    fig = dashboard_figure(_records())
+    assert len(fig.axes) == 4 and all(ax.get_ylabel() for ax in fig.axes)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no records"):
+        dashboard_figure(_records().iloc[:0])
+
+
+def test_live_dashboard_draws_nothing_when_headless(monkeypatch):
+    monkeypatch.setenv("NESTED_LAB_HEADLESS", "1")
+    shown = []
+    monkeypatch.setattr("nested_lab.viz.dashboard.display", lambda *a, **k: shown.append(a))
+    stream = MetricStream([LiveDashboard(every=5)])
+    for row in _records(10).to_dict("records"):
+        stream.append(row)
+    assert shown == []
+    monkeypatch.setenv("NESTED_LAB_HEADLESS", "0")
+
+    class Handle:
+        def update(self, figure):
+            shown.append(figure)
+
+    monkeypatch.setattr("nested_lab.viz.dashboard.display", lambda *a, **k: shown.append(a) or Handle())
+    for row in _records(10).to_dict("records"):
+        stream.append(row)
+    assert len(shown) == 2  # records 15 and 20: first a display, then an update
+    with pytest.raises(ValueError, match="every"):
+        LiveDashboard(every=0)

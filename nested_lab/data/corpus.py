@@ -32,6 +32,12 @@ class CharCorpus:
         split = int(len(ids) * (1 - val_fraction))
         return cls(vocabulary, ids[:split], ids[split:])
 
+    def with_train_chars(self, count: int) -> CharCorpus:
+        """The same corpus with only the first ``count`` training characters (a small training set)."""
+        if not 1 < count <= len(self.train):
+            raise ValueError(f"count must be in [2, {len(self.train)}], got {count}")
+        return CharCorpus(self.vocabulary, self.train[:count], self.val)
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocabulary)
@@ -48,3 +54,10 @@ class CharCorpus:
         offsets = torch.arange(context + 1)
         windows = ids[starts[:, None] + offsets]
         return windows[:, :-1], windows[:, -1]
+
+    def sequences(self, split: str, batch_size: int, length: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random windows for language modelling: inputs ``[B, length]``
+        and the next character at every position, targets ``[B, length]``."""
+        inputs, last = self.batch(split, batch_size, length, generator)
+        return inputs, torch.cat([inputs[:, 1:], last[:, None]], dim=1)
