@@ -1,4 +1,4 @@
-"""The published chapter-0 page in headless Chromium, with the network blocked.
+"""The published pages with static sliders in headless Chromium, with the network blocked.
 
 Serves the quick build on 127.0.0.1, aborts every request that leaves
 loopback, drags the static slider and checks that the plotted data changes,
@@ -24,7 +24,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SLIDER_PAGES = ["notebooks/00_reading_this_book.html", "notebooks/01_meta_loss_collapse.html"]
+SLIDER_PAGES = ["notebooks/00_reading_this_book.html", "notebooks/01_meta_loss_collapse.html",
+                "notebooks/02_cortexgpt_instability.html"]
 
 
 def _require_chromium() -> None:
@@ -108,7 +109,7 @@ def test_static_slider_works_offline(browser, site, path):
     assert not js_errors, f"JavaScript errors: {js_errors}"
 
 
-@pytest.mark.parametrize("path", ["book/intro.html", "book/ledger.html"])
+@pytest.mark.parametrize("path", ["book/intro.html", "book/ledger.html", "notebooks/03_cortexgpt_stabilized.html"])
 def test_text_pages_raise_no_javascript_error(browser, site, path):
     page, left_loopback, js_errors = _open(browser, f"{site}/{path}")
     page.wait_for_timeout(300)

@@ -37,10 +37,10 @@ def test_wrong_typed_parameter_gives_a_clear_error(papermill_env):
 
 
 @pytest.mark.book
-def test_chapter1_verdicts_do_not_depend_on_the_seed(papermill_env, quick_book):
-    chapter = ROOT / "notebooks" / "01_meta_loss_collapse.ipynb"
-    pm.execute_notebook(chapter, papermill_env / "ch1.ipynb", parameters={"SEED": 11},
-                        kernel_name="python3", progress_bar=False, cwd=papermill_env)
-    other = json.loads((papermill_env / "ledger" / "01_meta_loss_collapse.json").read_text())
-    reference = json.loads((quick_book.ledger / "01_meta_loss_collapse.json").read_text())
+@pytest.mark.parametrize("stem", ["01_meta_loss_collapse", "02_cortexgpt_instability", "03_cortexgpt_stabilized"])
+def test_verdicts_do_not_depend_on_the_seed(stem, papermill_env, quick_book):
+    pm.execute_notebook(ROOT / "notebooks" / f"{stem}.ipynb", papermill_env / f"{stem}.ipynb",
+                        parameters={"SEED": 11}, kernel_name="python3", progress_bar=False, cwd=papermill_env)
+    other = json.loads((papermill_env / "ledger" / f"{stem}.json").read_text())
+    reference = json.loads((quick_book.ledger / f"{stem}.json").read_text())
     assert [(r["id"], r["verdict"]) for r in other] == [(r["id"], r["verdict"]) for r in reference]
