@@ -6,12 +6,21 @@ minute to the next; a ratio of two timings taken in the same minute does not.
 round, so that every candidate sees the same machine, and returns every round;
 a ratio can then be taken round by round. :func:`interleaved_timings` keeps each
 candidate's best round, and :func:`ratios` divides timings by a reference.
+
+:func:`batched_matmul_gflops` measures what the machine's batched matrix product
+delivers, and :func:`delta_rule_flops` counts the arithmetic of the chunked delta
+rule, so that a timing can be read as a fraction of what the hardware does.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
+
+import torch
+
+from nested_lab import runtime
 
 
 def interleaved_rounds(candidates: Mapping[str, Callable[[], object]], rounds: int = 3, calls: int = 10,
@@ -46,3 +55,44 @@ def ratios(timings: Mapping[str, float], reference: str) -> dict[str, float]:
     if reference not in timings:
         raise ValueError(f"reference {reference!r} is not one of {list(timings)}")
     return {name: seconds / timings[reference] for name, seconds in timings.items()}
+
+
+def batched_matmul_gflops(size: int = 64, batch: int = 256, rounds: int = 3) -> float:
+    """Measured throughput of ``torch.bmm`` on ``(batch, size, size)`` fp32 matrices, in GFLOP/s:
+    ``2 size^3 batch`` operations per product over the best round's seconds per product."""
+    _check_positive_ints(size=size, batch=batch, rounds=rounds)
+    gen = runtime.generator(0)
+    left = torch.randn(batch, size, size, generator=gen)
+    right = torch.randn(batch, size, size, generator=gen)
+    flops = 2.0 * size**3 * batch
+    calls = min(200, max(3, math.ceil(3e7 / flops)))  # rounds of at least ~3e7 operations
+    seconds = interleaved_timings({"bmm": lambda: torch.bmm(left, right)}, rounds=rounds, calls=calls)["bmm"]
+    return flops / seconds / 1e9
+
+
+def delta_rule_flops(batch: int, heads: int, length: int, key_dim: int, value_dim: int,
+                     chunk_size: int) -> float:
+    """Floating-point operations of the chunked delta rule
+    (:func:`nested_lab.memory.delta_rule.delta_rule_chunked`) over ``ceil(length / chunk_size)``
+    chunks of every head: its matrix products, ``2 m n k`` each, and the unit lower-triangular solve
+    for ``T``, ``C (C - 1)`` per right-hand column. Elementwise work is left out.
+
+    Per chunk of ``C`` tokens: ``A = diag(beta) K K^T``, ``W = T K`` and the scores ``Q K^T``,
+    ``2 C^2 Dk`` each; ``U = T V`` and ``tril(Q K^T) delta``, ``2 C^2 Dv`` each; ``W S``, ``K^T delta``
+    and ``Q S``, ``2 C Dk Dv`` each; ``T = (I + A)^{-1} diag(beta)``, ``C (C - 1) C``. (For chunks
+    larger than ``SOLVE_BLOCK`` the inverse is built from smaller solves and products, somewhat fewer
+    operations than the one solve counted here.)
+    """
+    _check_positive_ints(batch=batch, heads=heads, length=length, key_dim=key_dim, value_dim=value_dim,
+                         chunk_size=chunk_size)
+    c, dk, dv = chunk_size, key_dim, value_dim
+    per_chunk = 3 * (2 * c * c * dk) + 2 * (2 * c * c * dv) + 3 * (2 * c * dk * dv) + c * (c - 1) * c
+    return float(batch * heads * math.ceil(length / chunk_size) * per_chunk)
+
+
+def _check_positive_ints(**values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")

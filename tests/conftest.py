@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nested_lab import runtime
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -54,6 +56,13 @@ class BuiltBook:
     html: Path
     ledger: Path
     executed: Path
+
+
+@pytest.fixture
+def one_thread():
+    """Small models train faster on one thread: the pool's synchronisation costs more than it gives."""
+    with runtime.threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

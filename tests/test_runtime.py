@@ -272,3 +272,14 @@ def test_seeded_block_is_reproducible_and_restores_the_global_generator():
 def test_seeded_rejects_a_bad_seed():
     with pytest.raises(ValueError, match="seed must be >= 0"), runtime.seeded(-1):
         pass
+
+
+def test_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with runtime.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="thread count must be >= 1"), runtime.threads(0):
+        pass
+    with pytest.raises(TypeError, match="thread count must be an int"), runtime.threads(1.5):
+        pass

@@ -1,0 +1,33 @@
+"""The kernel benchmark: candidates compute the same numbers, and the table is well formed."""
+
+from __future__ import annotations
+
+import pytest
+
+from nested_lab import kernel_bench
+
+
+@pytest.mark.parametrize("make", [kernel_bench.delta_rule_candidates, kernel_bench.titans_candidates])
+def test_scaling_table_has_every_candidate_and_matching_outputs(make):
+    table = kernel_bench.scaling(lambda length: make(length, heads=2, dim=16, chunk_size=8), [24, 40], rounds=1)
+    names = list(make(24, heads=2, dim=16, chunk_size=8))
+    assert list(table.columns) == ["length", "candidate", "seconds", "speedup", "max_error"]
+    assert table["candidate"].tolist() == names * 2
+    assert table["length"].tolist() == [24] * len(names) + [40] * len(names)
+    assert (table["seconds"] > 0).all()
+    reference = table[table["candidate"] == names[0]]
+    assert (reference["speedup"] == 1.0).all() and (reference["max_error"] == 0.0).all()
+    assert table["max_error"].max() < 1e-4
+
+
+def test_scaling_needs_a_length():
+    with pytest.raises(ValueError, match="at least one sequence length"):
+        kernel_bench.scaling(kernel_bench.delta_rule_candidates, [])
+
+
+def test_titans_staleness_is_zero_for_one_token_chunks_and_grows_with_chunk_size():
+    table = kernel_bench.titans_staleness(length=32, chunk_sizes=(1, 8), seed=0)
+    error = table.set_index(["chunk size", "gradients at"])["relative error"]
+    assert error[(1, "chunk_start")] < 1e-5
+    assert error[(8, "chunk_start")] > error[(1, "chunk_start")]
+    assert error[(8, "call_start")] >= error[(8, "chunk_start")]

@@ -1,0 +1,64 @@
+"""Measurements of the self-modifying layers used by chapter 4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nested_lab import runtime
+from nested_lab.models import self_modifying_analysis as analysis
+from nested_lab.models.self_modifying import SelfModifyingLinear
+
+
+def _layer(lr: float = 0.05, normalized: bool = True) -> SelfModifyingLinear:
+    with runtime.seeded(0):
+        return SelfModifyingLinear(8, 6, self_mod_lr=lr, normalized=normalized)
+
+
+def test_projection_trace_follows_the_prediction_and_restores_the_weight():
+    layer = _layer()
+    before = layer.weight.detach().clone()
+    batch = torch.randn(5, 8, generator=runtime.generator(1)) + 1
+    trace = analysis.projection_trace(layer, batch, updates=40)
+    assert len(trace) == 41
+    assert trace["along_mean"].to_numpy() == pytest.approx(trace["predicted_along_mean"].to_numpy(), rel=1e-4)
+    assert trace["along_mean"].iloc[-1] < 0.2 * trace["along_mean"].iloc[0]
+    assert trace["orthogonal"].to_numpy() == pytest.approx(trace["orthogonal"].iloc[0], rel=1e-5)
+    assert torch.equal(layer.weight, before)
+
+
+def test_projection_trace_rejects_bad_input():
+    batch = torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"shape \[N, 8\]"):
+        analysis.projection_trace(_layer(), batch[:, :7], updates=3)
+    with pytest.raises(ValueError, match="normalized=True"):
+        analysis.projection_trace(_layer(normalized=False), batch, updates=3)
+    with pytest.raises(ValueError, match="positive int"):
+        analysis.projection_trace(_layer(), batch, updates=0)
+
+
+def test_demo_weight_change_is_small_and_deterministic():
+    change, model = analysis.demo_weight_change(0)
+    assert 1e-7 < change < 1e-4
+    assert change == analysis.demo_weight_change(0)[0]
+    assert model.update_stats()["input_proj"] == 6  # one pass, then five more
+
+
+def test_same_size_changes_match_the_requested_size():
+    weight = torch.randn(30, 20, generator=runtime.generator(0))
+    for changed in analysis.same_size_changes(weight, 1e-3, seed=0).values():
+        assert float((changed - weight).abs().mean()) == pytest.approx(1e-3, rel=0.1)
+    with pytest.raises(ValueError, match="positive"):
+        analysis.same_size_changes(weight, 0.0, seed=0)
+
+
+def test_in_forward_updates_break_backward_and_deferred_ones_pile_up():
+    assert not analysis.backward_succeeds("in_forward", 0)
+    assert analysis.backward_succeeds("deferred", 0)
+    assert analysis.pending_after(7, 0) == 7
+
+
+def test_demo_attention_change_and_distance_to_the_delta_rule():
+    assert 0 < analysis.demo_attention_change(0) < 1e-3
+    assert analysis.demo_attention_change(0) == analysis.demo_attention_change(0)
+    assert analysis.distance_to_delta_rule(0) > 0.5  # the seed's step ignores the target
