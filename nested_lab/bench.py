@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from nested_lab import runtime
+from nested_lab.parameters import check_positive_ints
 
 
 def interleaved_rounds(candidates: Mapping[str, Callable[[], object]], rounds: int = 3, calls: int = 10,
@@ -60,7 +61,7 @@ def ratios(timings: Mapping[str, float], reference: str) -> dict[str, float]:
 def batched_matmul_gflops(size: int = 64, batch: int = 256, rounds: int = 3) -> float:
     """Measured throughput of ``torch.bmm`` on ``(batch, size, size)`` fp32 matrices, in GFLOP/s:
     ``2 size^3 batch`` operations per product over the best round's seconds per product."""
-    _check_positive_ints(size=size, batch=batch, rounds=rounds)
+    check_positive_ints(size=size, batch=batch, rounds=rounds)
     gen = runtime.generator(0)
     left = torch.randn(batch, size, size, generator=gen)
     right = torch.randn(batch, size, size, generator=gen)
@@ -83,16 +84,9 @@ def delta_rule_flops(batch: int, heads: int, length: int, key_dim: int, value_di
     larger than ``SOLVE_BLOCK`` the inverse is built from smaller solves and products, somewhat fewer
     operations than the one solve counted here.)
     """
-    _check_positive_ints(batch=batch, heads=heads, length=length, key_dim=key_dim, value_dim=value_dim,
+    check_positive_ints(batch=batch, heads=heads, length=length, key_dim=key_dim, value_dim=value_dim,
                          chunk_size=chunk_size)
     c, dk, dv = chunk_size, key_dim, value_dim
     per_chunk = 3 * (2 * c * c * dk) + 2 * (2 * c * c * dv) + 3 * (2 * c * dk * dv) + c * (c - 1) * c
     return float(batch * heads * math.ceil(length / chunk_size) * per_chunk)
 
-
-def _check_positive_ints(**values: object) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")

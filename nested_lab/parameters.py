@@ -1,5 +1,6 @@
 """Checks for a notebook's parameters cell, so a bad papermill override fails
-at once with a message naming the parameter and what is allowed."""
+at once with a message naming the parameter and what is allowed; and
+:func:`check_positive_ints` for the library's own integer arguments."""
 
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"parameter {name}={value!r} is not allowed; choose one of {list(allowed)}")
     return value
+
+
+def check_positive_ints(**values: object) -> None:
+    """For library arguments: each value must be an int >= 1 (the message names the argument)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from nested_lab.parameters import check_bool, check_choice, check_float, check_floats, check_int
+from nested_lab.parameters import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_floats,
+    check_int,
+    check_positive_ints,
+)
 
 # ----- check_bool --------------------------------------------------------------------------------
 
@@ -138,3 +145,13 @@ def test_check_choice_accepts_tuple_of_allowed():
 def test_check_choice_rejects_not_allowed(value):
     with pytest.raises(ValueError, match=r"parameter OPTIMIZER=.* is not allowed; choose one of \['sgd', 'adam'\]"):
         check_choice("OPTIMIZER", value, ["sgd", "adam"])
+
+
+def test_check_positive_ints_names_the_argument():
+    check_positive_ints(a=1, b=7)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        check_positive_ints(chunk_size=0)
+    with pytest.raises(TypeError, match="dim must be an int, got float"):
+        check_positive_ints(dim=2.0)
+    with pytest.raises(TypeError, match="dim must be an int, got bool"):
+        check_positive_ints(dim=True)

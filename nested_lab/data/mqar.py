@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from nested_lab.parameters import check_positive_ints
+
 IGNORE_INDEX = -100
 FILLER_TOKEN = 0
 
@@ -98,11 +100,7 @@ def _distinct(batch: int, count: int, low: int, high: int, generator: torch.Gene
 
 def _check(batch: int, seq_len: int, pairs: int, vocab: int, generator: torch.Generator,
            gap_power: float) -> None:
-    for name, value in (("batch", batch), ("seq_len", seq_len), ("pairs", pairs), ("vocab", vocab)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_positive_ints(batch=batch, seq_len=seq_len, pairs=pairs, vocab=vocab)
     if 4 * pairs > seq_len:
         raise ValueError(f"seq_len={seq_len} is too short for {pairs} pairs: the prefix (2N) and the queries with "
                          f"their values (2N) need 4 * pairs = {4 * pairs} positions")

@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nested_lab.parameters import check_positive_ints
+
 INVERSES = ("solve", "substitution")
 SEGMENT_ROWS = 4096  # token rows (batch x heads x tokens) processed per segment of the chunked form
 SOLVE_BLOCK = 16  # the largest triangular system solved directly when inverting I + A
@@ -74,10 +76,7 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     :func:`delta_rule_recurrent`.
     """
     state = _check_inputs(q, k, v, beta, initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__} ({chunk_size!r})")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_positive_ints(chunk_size=chunk_size)
     if inverse not in INVERSES:
         raise ValueError(f"unknown inverse {inverse!r}; allowed: {', '.join(INVERSES)}")
     batch, heads, length, key_dim = q.shape

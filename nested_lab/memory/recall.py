@@ -36,6 +36,7 @@ from nested_lab import runtime
 from nested_lab.memory.delta_rule import delta_rule_recurrent
 from nested_lab.memory.titans import init_memory, memory_forward, titans_chunked
 from nested_lab.models.self_modifying import self_modifying_update
+from nested_lab.parameters import check_positive_ints
 
 RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "hebbian": (),
@@ -50,8 +51,7 @@ CURVE_COLUMNS = ("rule", "count", "load", "seed", "cosine", "top1")
 def random_pairs(count: int, dim: int, generator: torch.Generator, batch: int = 1) -> tuple[Tensor, Tensor]:
     """``count`` pairs per batch element: keys ``[batch, count, dim]`` uniform on the unit sphere
     (normalised Gaussians) and values ``[batch, count, dim]`` standard Gaussian, keys drawn first."""
-    for name, value in (("count", count), ("dim", dim), ("batch", batch)):
-        _check_positive_int(name, value)
+    check_positive_ints(count=count, dim=dim, batch=batch)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     keys = F.normalize(torch.randn(batch, count, dim, generator=generator), dim=-1)
@@ -148,12 +148,12 @@ def capacity_curve(rule: str, counts: Sequence[int], dim: int, seeds: Sequence[i
     """
     if rule not in RULE_OPTIONS:
         raise ValueError(f"unknown rule {rule!r}; allowed: {', '.join(RULES)}")
-    _check_positive_int("dim", dim)
+    check_positive_ints(dim=dim)
     for name, values in (("counts", counts), ("seeds", seeds)):
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
             raise TypeError(f"{name} must be a non-empty sequence of ints, got {values!r}")
     for count in counts:
-        _check_positive_int("every count", count)
+        check_positive_ints(**{"every count": count})
     rows = []
     for seed in seeds:
         for count in counts:
@@ -164,9 +164,3 @@ def capacity_curve(rule: str, counts: Sequence[int], dim: int, seeds: Sequence[i
             rows.append({"rule": rule, "count": count, "load": count / dim, "seed": seed, **scores})
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from nested_lab import runtime
+from nested_lab.parameters import check_positive_ints
 
 GRADIENTS_AT = ("chunk_start", "call_start")
 Gate = float | Tensor
@@ -61,12 +62,10 @@ def init_memory(dim: int, depth: int = 2, hidden: int | None = None, out_dim: in
     ``W_l`` ``[fan_in, fan_out]`` is drawn from ``N(0, 1 / fan_in)`` with ``generator``
     (default: a generator seeded with 0).
     """
-    _check_positive_int("dim", dim)
-    _check_positive_int("depth", depth)
+    check_positive_ints(dim=dim, depth=depth)
     out_dim = dim if out_dim is None else out_dim
     hidden = 2 * dim if hidden is None else hidden
-    _check_positive_int("out_dim", out_dim)
-    _check_positive_int("hidden", hidden)
+    check_positive_ints(out_dim=out_dim, hidden=hidden)
     if generator is None:
         generator = runtime.generator(0)
     widths = [dim] + [hidden] * (depth - 1) + [out_dim]
@@ -154,7 +153,7 @@ def titans_sequential(params: dict[str, Tensor], keys: Tensor, values: Tensor, q
     ``chunk_size=b``. Returns the outputs ``[B, T, D_out]`` and the final memory (each weight with a
     leading ``B``).
     """
-    _check_positive_int("gradient_every", gradient_every)
+    check_positive_ints(gradient_every=gradient_every)
     memory, theta, eta, alpha = _prepare(params, keys, values, queries, theta, eta, alpha)
     momentum = {name: torch.zeros_like(weight) for name, weight in memory.items()}
     outputs = []
@@ -188,7 +187,7 @@ def titans_chunked(params: dict[str, Tensor], keys: Tensor, values: Tensor, quer
     started with (``"call_start"``, a cheaper approximation: all gradients in one pass; it equals
     ``titans_sequential(gradient_every=T)`` whatever the chunk size).
     """
-    _check_positive_int("chunk_size", chunk_size)
+    check_positive_ints(chunk_size=chunk_size)
     if gradients_at not in GRADIENTS_AT:
         raise ValueError(f"unknown gradients_at {gradients_at!r}; allowed: {', '.join(GRADIENTS_AT)}")
     memory, theta, eta, alpha = _prepare(params, keys, values, queries, theta, eta, alpha)
@@ -335,9 +334,3 @@ def _gate(name: str, value: Gate, keys: Tensor, low: float, high: float) -> Tens
         raise ValueError(f"{name} must be finite and {allowed}, got {value}")
     return torch.full((batch, steps), float(value), dtype=keys.dtype, device=keys.device)
 
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
