@@ -22,6 +22,7 @@ from nested_lab.viz import (
     colors,
     dashboard_figure,
     live_slider,
+    schedule_figure,
     static_slider,
     use_book_style,
 )
@@ -420,3 +421,18 @@ def test_live_dashboard_draws_nothing_when_headless(monkeypatch):
     assert len(shown) == 2  # records 15 and 20: first a display, then an update
     with pytest.raises(ValueError, match="every"):
         LiveDashboard(every=0)
+
+
+def test_schedule_figure_draws_one_panel_per_schedule():
+    schedules = {"a": np.eye(3, 10, dtype=bool), "b": np.ones((3, 10), dtype=bool)}
+    fig = schedule_figure(schedules, chunk_sizes=[1, 8, 32])
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["a", "b"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["C = 1", "C = 8", "C = 32"]
+    plt.close(fig)
+
+
+def test_schedule_figure_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="schedules is empty"):
+        schedule_figure({}, [1])
+    with pytest.raises(ValueError, match=r"schedule 'a' must be a \[levels, steps\] array with 2 levels"):
+        schedule_figure({"a": np.ones((3, 4))}, [1, 8])
