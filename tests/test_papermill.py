@@ -38,7 +38,7 @@ def test_wrong_typed_parameter_gives_a_clear_error(papermill_env):
 
 @pytest.mark.book
 @pytest.mark.parametrize("stem", ["01_meta_loss_collapse", "02_cortexgpt_instability", "03_cortexgpt_stabilized",
-                                  "04_titan_self_modification"])
+                                  "04_titan_self_modification", "05_nested_optimizers"])
 def test_verdicts_do_not_depend_on_the_seed(stem, papermill_env, quick_book):
     pm.execute_notebook(ROOT / "notebooks" / f"{stem}.ipynb", papermill_env / f"{stem}.ipynb",
                         parameters={"SEED": 11}, kernel_name="python3", progress_bar=False, cwd=papermill_env)
