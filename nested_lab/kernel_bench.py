@@ -25,19 +25,25 @@ Candidates = Mapping[str, Callable[[], torch.Tensor]]
 
 
 def delta_rule_candidates(length: int, heads: int = 4, dim: int = 64, chunk_size: int = 64,
-                          seed: int = 0) -> Candidates:
-    """The recurrent delta rule (the reference, first) and the chunked form with each inverse, on
-    ``(1, heads, length, dim)`` unit keys and queries, Gaussian values and ``beta`` in (0, 1)."""
+                          seed: int = 0, other_chunk_sizes: Sequence[int] = (32,)) -> Candidates:
+    """The recurrent delta rule (the reference, first) and the chunked form with each inverse at
+    ``chunk_size``, then the triangular-solve form at each of ``other_chunk_sizes`` (named
+    ``"delta: chunked, triangular solve, chunk C"``), on ``(1, heads, length, dim)`` unit keys and
+    queries, Gaussian values and ``beta`` in (0, 1)."""
     gen = runtime.generator(seed)
     q, k = (F.normalize(torch.randn(1, heads, length, dim, generator=gen), dim=-1) for _ in range(2))
     v = torch.randn(1, heads, length, dim, generator=gen)
     beta = torch.rand(1, heads, length, generator=gen)
-    return {
+    candidates = {
         "delta: recurrent": lambda: delta_rule_recurrent(q, k, v, beta)[0],
         "delta: chunked, triangular solve": lambda: delta_rule_chunked(q, k, v, beta, chunk_size)[0],
         "delta: chunked, row substitution": lambda: delta_rule_chunked(q, k, v, beta, chunk_size,
                                                                        inverse="substitution")[0],
     }
+    for size in other_chunk_sizes:
+        candidates[f"delta: chunked, triangular solve, chunk {size}"] = (
+            lambda size=size: delta_rule_chunked(q, k, v, beta, size)[0])
+    return candidates
 
 
 def titans_candidates(length: int, heads: int = 4, dim: int = 64, chunk_size: int = 64,
