@@ -8,6 +8,7 @@ from torch import nn
 
 from nested_lab import runtime
 from nested_lab.optim import dmgd, meta
+from nested_lab.optim import dmgd_analysis as analysis
 
 LR, BETA = 0.1, 0.9
 
@@ -125,3 +126,13 @@ def test_bad_inputs():
     model.weight.grad = torch.full_like(model.weight, float("nan"))
     with pytest.raises(ValueError, match="non-finite gradient for parameter 'weight'"):
         optimizer.step()
+
+
+
+def test_replica_keys_lose_the_memories_and_name_keys_keep_them():
+    memory = dmgd.LearnedMomentum.for_model(analysis.model_fn("regression")(runtime.generator(0)),
+                                            generator=runtime.generator(5))
+    assert analysis.checkpoint_round_trip(memory, "regression", "parameter_id") == 0.0
+    assert analysis.checkpoint_round_trip(memory, "regression", "name") == 1.0
+    with pytest.raises(ValueError, match="unknown memory_keys 'index'; allowed: parameter_id, name"):
+        dmgd.NestedDeepMomentumGD(nn.Linear(2, 1).named_parameters(), memory_keys="index")

@@ -34,6 +34,7 @@ from nested_lab.models.init import xavier_linear
 from nested_lab.parameters import check_positive_ints
 
 META_GRADIENTS = ("original", "unrolled")
+MEMORY_KEYS = ("parameter_id", "name")
 Batch = tuple[torch.Tensor, torch.Tensor]
 Params = dict[str, torch.Tensor]
 
@@ -168,15 +169,20 @@ class NestedDeepMomentumGD(torch.optim.Optimizer):
     ``named_parameters``: the model's ``named_parameters()``; ``memory``: a shared
     :class:`LearnedMomentum` (built for these parameters if ``None``); ``meta_gradient``: the rule of
     :func:`task_meta_gradient`; the meta-step clips the memory gradient to norm 1 and takes an Adam
-    step of size ``meta_lr`` (as the replica)."""
+    step of size ``meta_lr`` (as the replica). ``memory_keys``: how :meth:`state_dict` names the saved
+    memories -- ``"parameter_id"``, the replica's ``id(p)``, which no other optimizer's parameters
+    share, so :meth:`load_state_dict` into a fresh optimizer restores none of them (silently, as the
+    replica) -- or ``"name"``, the parameter's name."""
 
     def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]], memory: LearnedMomentum | None = None,
                  lr: float = 0.01, momentum: float = 0.9, meta_lr: float = 1e-3,
-                 meta_gradient: str = "original", hidden: int = 64,
+                 meta_gradient: str = "original", hidden: int = 64, memory_keys: str = "parameter_id",
                  generator: torch.Generator | None = None) -> None:
         named = list(named_parameters)
         check_hyperparameters(lr=lr, momentum=momentum, meta_lr=meta_lr)
         check_meta_gradient(meta_gradient)
+        if memory_keys not in MEMORY_KEYS:
+            raise ValueError(f"unknown memory_keys {memory_keys!r}; allowed: {', '.join(MEMORY_KEYS)}")
         if not named or not all(isinstance(item, tuple) and len(item) == 2 for item in named):
             raise TypeError("named_parameters must be a non-empty iterable of (name, parameter) pairs, "
                             "e.g. model.named_parameters()")
@@ -187,8 +193,29 @@ class NestedDeepMomentumGD(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"the memory has no module for parameters {missing}; it has {self.memory.names}")
         super().__init__([p for _, p in named], {"lr": lr, "momentum": momentum})
-        self.meta_gradient, self.meta_lr = meta_gradient, meta_lr
+        self.meta_gradient, self.meta_lr, self.memory_keys = meta_gradient, meta_lr, memory_keys
         self.meta_optimizer: torch.optim.Adam | None = None  # built at the first meta-step
+
+    def _saved_key(self, name: str, parameter: nn.Parameter) -> int | str:
+        return id(parameter) if self.memory_keys == "parameter_id" else name
+
+    def state_dict(self) -> dict:
+        """The optimizer's state plus every memory's weights under ``"memory_modules"``."""
+        state = super().state_dict()
+        state["memory_modules"] = {self._saved_key(name, p): self.memory.memories[_key(name)].state_dict()
+                                   for name, p in zip(self.names, self.param_groups[0]["params"], strict=True)}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load the optimizer's state and every saved memory whose key matches one of this optimizer's
+        parameters; others are skipped without a word, as the replica does."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("memory_modules", {})
+        for name, p in zip(self.names, self.param_groups[0]["params"], strict=True):
+            key = self._saved_key(name, p)
+            if key in saved:
+                self.memory.memories[_key(name)].load_state_dict(saved[key])
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -199,3 +199,18 @@ def loss_growth(losses: Sequence[float], cap: float = 1e6) -> float:
     last entry is the validation loss); a diverged run gives ``cap``."""
     ratio = losses[-2] / losses[0]
     return min(ratio, cap) if math.isfinite(ratio) else cap
+
+
+def checkpoint_round_trip(memory: dmgd.LearnedMomentum, family: str, memory_keys: str, seed: int = 0) -> float:
+    """Save an optimizer holding ``memory`` and load the checkpoint into a fresh optimizer for a fresh
+    model of the family, as a user resuming from a checkpoint would: the share of the memory tensors
+    that differed before loading and are equal after it."""
+    build = model_fn(family)
+    source = dmgd.NestedDeepMomentumGD(build(runtime.generator(seed)).named_parameters(), memory=memory,
+                                       memory_keys=memory_keys)
+    target = dmgd.NestedDeepMomentumGD(build(runtime.generator(seed + 1)).named_parameters(),
+                                       memory_keys=memory_keys, generator=runtime.generator(seed + 2))
+    pairs = list(zip(source.memory.parameters(), target.memory.parameters(), strict=True))
+    differing = [i for i, (a, b) in enumerate(pairs) if not torch.equal(a, b)]
+    target.load_state_dict(source.state_dict())
+    return sum(torch.equal(*pairs[i]) for i in differing) / len(differing)
