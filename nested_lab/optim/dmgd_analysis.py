@@ -108,14 +108,10 @@ def original_reproduction(seed: int, iterations: int, rule: str = "original", me
     median over the new tasks of the losses :func:`solve` returns}."""
     if any(not 0 < c < iterations for c in checkpoints):
         raise ValueError(f"checkpoints must lie strictly between 0 and iterations={iterations}, got {list(checkpoints)}")
-    generator = runtime.generator(seed)
-    build = model_fn(family)
-    memory = dmgd.LearnedMomentum.for_model(build(generator), generator=generator)
-    distribution = tasks(family, 100, generator, shared_weights_bug=True)
-    probe_model, probe_batch = build(runtime.generator(seed + 10_000)), distribution[0](generator)
+    learner, distribution = replica_learner(seed, family, rule, meta_lr)
+    memory, build = learner.memory, learner.model_fn
+    probe_model, probe_batch = build(runtime.generator(seed + 10_000)), distribution[0](learner.generator)
     new_tasks = tasks(family, eval_tasks, runtime.generator(seed + 20_000))
-    learner = meta.MetaLearner(build, memory, generator=generator, meta_lr=meta_lr, rule=rule,
-                               meta_gradient="last_task_last_step")
 
     def probe() -> float:
         return dmgd.memory_alignment(memory, probe_model, probe_batch)
@@ -139,24 +135,28 @@ def meta_train(family: str, seed: int, iterations: int, rule: str = "unrolled",
                aggregation: str = "meta_batch", lr: float = 0.1, meta_lr: float = 1e-3,
                shared_weights_bug: bool = False) -> tuple[dmgd.LearnedMomentum, pd.DataFrame]:
     """Meta-train a fresh memory on a task family; return it and its meta-training curve."""
+    learner, distribution = _learner(family, seed, rule, aggregation, lr, meta_lr, shared_weights_bug)
+    return learner.memory, learner.meta_train(distribution, iterations, show_progress=False)
+
+
+def _learner(family: str, seed: int, rule: str, aggregation: str, lr: float, meta_lr: float,
+             shared_weights_bug: bool) -> tuple[meta.MetaLearner, list[meta.Task]]:
+    """A fresh memory and meta-learner for a task family, and its distribution of 100 tasks, all
+    drawn from one generator seeded with ``seed``."""
     generator = runtime.generator(seed)
     build = model_fn(family)
     memory = dmgd.LearnedMomentum.for_model(build(generator), generator=generator)
     distribution = tasks(family, 100, generator, shared_weights_bug=shared_weights_bug)
     learner = meta.MetaLearner(build, memory, generator=generator, lr=lr, meta_lr=meta_lr, rule=rule,
                                meta_gradient=aggregation)
-    return memory, learner.meta_train(distribution, iterations, show_progress=False)
+    return learner, distribution
 
 
-def replica_learner(seed: int, family: str = "regression") -> tuple[meta.MetaLearner, list[meta.Task]]:
-    """A meta-learner configured as the replica ships it (wrong-sign surrogate, last task's last
-    step, closure bug on) and its task distribution of 100 tasks."""
-    generator = runtime.generator(seed)
-    build = model_fn(family)
-    memory = dmgd.LearnedMomentum.for_model(build(generator), generator=generator)
-    learner = meta.MetaLearner(build, memory, generator=generator, rule="original",
-                               meta_gradient="last_task_last_step")
-    return learner, tasks(family, 100, generator, shared_weights_bug=True)
+def replica_learner(seed: int, family: str = "regression", rule: str = "original",
+                    meta_lr: float = 1e-3) -> tuple[meta.MetaLearner, list[meta.Task]]:
+    """A meta-learner configured as the replica ships it (wrong-sign surrogate unless ``rule`` says
+    otherwise, last task's last step, step size 0.01, closure bug on) and its 100 tasks."""
+    return _learner(family, seed, rule, "last_task_last_step", 0.01, meta_lr, shared_weights_bug=True)
 
 
 def demo_statistics(seeds: Sequence[int], update: bool = True, iterations: int = 3) -> pd.DataFrame:
