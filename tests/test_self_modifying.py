@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from nested_lab import runtime
 from nested_lab.memory.delta_rule import delta_rule_recurrent
 from nested_lab.models.self_modifying import (
+    NORM_EPS,
     DeltaRuleLayer,
     SelfModifyingAttention,
     SelfModifyingLinear,
@@ -77,12 +78,22 @@ def test_update_skips_a_zero_mean_input():
     assert int(layer.update_count) == 0
 
 
+def test_each_variant_skips_below_its_own_threshold():
+    """The in-forward original skips a mean input with |x_bar|^2 <= 1e-6, the deferred one only <= 1e-8."""
+    inputs = torch.full((2, 6), 1e-4)  # |x_bar|^2 = 6e-8, between the two thresholds
+    in_forward, deferred = _linear(update="in_forward"), _linear(update="deferred")
+    in_forward(inputs)
+    deferred(inputs)
+    assert (int(in_forward.update_count), len(deferred.pending_updates)) == (0, 1)
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"inputs": _rand(3, 5)}, ValueError, r"\[\.\.\., 6\]"),
     ({"weight": _rand(6)}, ValueError, "weight must have shape"),
     ({"lr": -0.1}, ValueError, "lr must be >= 0"),
     ({"lr": float("nan")}, TypeError, "finite"),
     ({"inputs": _rand(3, 6, dtype=torch.float64)}, TypeError, "dtype"),
+    ({"eps": 0.0}, ValueError, "eps must be a number > 0"),
 ])
 def test_update_rejects_bad_inputs(kwargs, error, match):
     arguments = {"weight": _rand(4, 6), "inputs": _rand(3, 6), "lr": 0.1, **kwargs}
@@ -97,7 +108,8 @@ def test_layer_output_is_the_linear_map_before_the_update():
     weight = layer.weight.detach().clone()
     y = layer(x)
     assert torch.allclose(y, x @ weight.T)
-    assert torch.allclose(layer.weight.detach(), self_modifying_update(weight, x, layer.self_mod_lr))
+    assert torch.allclose(layer.weight.detach(),
+                          self_modifying_update(weight, x, layer.self_mod_lr, eps=NORM_EPS[layer.update]))
     assert int(layer.update_count) == 1
 
 

@@ -4,9 +4,10 @@ The replica's document describes a *self-modifying linear layer*: after each for
 pass ``y = x W^T + b`` the layer changes its own weight, with no gradient, by
 
     x_bar = mean of the inputs over every row,
-    W <- clamp(W - lr * (W x_bar) x_bar^T / (|x_bar|^2 + 1e-8), -10, 10)        (the seed rule)
+    W <- clamp(W - lr * (W x_bar) x_bar^T / (|x_bar|^2 + eps), -10, 10)        (the seed rule)
 
-when ``|x_bar|^2 > 1e-8``. The rule has no value target: it is one step of gradient
+when ``|x_bar|^2 > eps`` (``eps`` = 1e-6 in the in-forward original, 1e-8 in the deferred
+one, :data:`NORM_EPS`). The rule has no value target: it is one step of gradient
 descent on ``1/2 |W x_bar|^2 / |x_bar|^2``, so it drives ``W x_bar`` to zero by a
 factor ``1 - lr`` per update and leaves ``W`` unchanged on every direction orthogonal to
 ``x_bar``. It stores no association, unlike the delta rule (Yang et al. 2024, Eq. 1:
@@ -45,33 +46,36 @@ from nested_lab.memory.titans import init_memory, titans_chunked
 UPDATES = ("in_forward", "deferred")
 RNNS = ("gru", "lstm")
 WEIGHT_LIMIT = 10.0
-NORM_EPS = 1e-8
+NORM_EPS = {"in_forward": 1e-6, "deferred": 1e-8}  # each original version's threshold and denominator guard
 
 
 def self_modifying_update(weight: torch.Tensor, inputs: torch.Tensor, lr: float,
-                          normalized: bool = True) -> torch.Tensor:
-    """The seed rule: the new weight ``clamp(W - lr (W x_bar) x_bar^T / (|x_bar|^2 + 1e-8), -10, 10)``.
+                          normalized: bool = True, eps: float = NORM_EPS["deferred"]) -> torch.Tensor:
+    """The seed rule: the new weight ``clamp(W - lr (W x_bar) x_bar^T / (|x_bar|^2 + eps), -10, 10)``.
 
     ``weight`` ``[out, in]``; ``inputs`` ``[..., in]``, averaged over every row into ``x_bar``.
-    ``normalized=False`` leaves out the division by ``|x_bar|^2 + 1e-8``. When
-    ``|x_bar|^2 <= 1e-8`` the weight is returned unchanged (no clamp either), as in the original.
+    ``normalized=False`` leaves out the division by ``|x_bar|^2 + eps``. When
+    ``|x_bar|^2 <= eps`` the weight is returned unchanged (no clamp either), as in the original.
     """
-    term = _update_term(weight, inputs, lr, normalized)
+    term = _update_term(weight, inputs, lr, normalized, eps)
     if term is None:
         return weight.clone()
     return (weight - term).clamp(-WEIGHT_LIMIT, WEIGHT_LIMIT)
 
 
-def _update_term(weight: torch.Tensor, inputs: torch.Tensor, lr: float, normalized: bool) -> torch.Tensor | None:
-    """``lr (W x_bar) x_bar^T [/ (|x_bar|^2 + 1e-8)]``, or None when ``|x_bar|^2 <= 1e-8``."""
+def _update_term(weight: torch.Tensor, inputs: torch.Tensor, lr: float, normalized: bool,
+                 eps: float) -> torch.Tensor | None:
+    """``lr (W x_bar) x_bar^T [/ (|x_bar|^2 + eps)]``, or None when ``|x_bar|^2 <= eps``."""
     _check_update_inputs(weight, inputs, lr)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0, got {eps!r}")
     with torch.no_grad():
         x_bar = inputs.detach().reshape(-1, weight.shape[1]).mean(dim=0)
         norm_sq = x_bar @ x_bar
-        if norm_sq <= NORM_EPS:
+        if norm_sq <= eps:
             return None
         term = lr * torch.outer(weight.detach() @ x_bar, x_bar)
-        return term / (norm_sq + NORM_EPS) if normalized else term
+        return term / (norm_sq + eps) if normalized else term
 
 
 def _check_update_inputs(weight: torch.Tensor, inputs: torch.Tensor, lr: float) -> None:
@@ -151,7 +155,7 @@ class SelfModifyingLinear(nn.Module):
     def _self_modify(self, x: torch.Tensor) -> None:
         if self.update == "in_forward" and not self.training:
             return
-        term = _update_term(self.weight, x, self.self_mod_lr, self.normalized)
+        term = _update_term(self.weight, x, self.self_mod_lr, self.normalized, NORM_EPS[self.update])
         if term is None:
             return
         if self.update == "deferred":

@@ -23,6 +23,7 @@ import torch
 
 from nested_lab import runtime
 from nested_lab.models.self_modifying import (
+    NORM_EPS,
     SelfModifyingAttention,
     SelfModifyingLinear,
     SelfModifyingTitan,
@@ -56,7 +57,8 @@ def projection_trace(layer: SelfModifyingLinear, batch: torch.Tensor, updates: i
             rows.append({"update": n, "along_mean": float((layer.weight @ mean_unit).norm()),
                          "orthogonal": float((layer.weight @ orthogonal).norm()),
                          "predicted_along_mean": start * (1 - layer.self_mod_lr) ** n})
-            layer.weight.copy_(self_modifying_update(layer.weight, batch, layer.self_mod_lr, layer.normalized))
+            layer.weight.copy_(self_modifying_update(layer.weight, batch, layer.self_mod_lr, layer.normalized,
+                                                    NORM_EPS[layer.update]))
         layer.weight.copy_(saved)
     return pd.DataFrame(rows)
 
@@ -107,10 +109,11 @@ def backward_succeeds(update: str, seed: int) -> bool:
 
 
 def pending_after(passes: int, seed: int) -> int:
-    """Length of the input projection's pending-update list after ``passes`` forward passes of a
-    ``SelfModifyingTitan(update="deferred")`` whose updates are never applied."""
+    """Length of the input projection's pending-update list after ``passes`` forward passes, in eval
+    mode, of a ``SelfModifyingTitan(update="deferred")`` whose updates are never applied."""
     with runtime.seeded(seed):
         model = SelfModifyingTitan(input_dim=16, hidden_dim=32, output_dim=16, num_layers=1, update="deferred")
+    model.eval()
     x = torch.randn(2, 5, 16, generator=runtime.generator(seed))
     with torch.no_grad():
         for _ in range(passes):
