@@ -49,8 +49,10 @@ def delta_rule_candidates(length: int, heads: int = 4, dim: int = 64, chunk_size
 def titans_candidates(length: int, heads: int = 4, dim: int = 64, chunk_size: int = 64,
                       seed: int = 0) -> Candidates:
     """The sequential Titans memory with gradients refreshed every ``chunk_size`` tokens (the
-    chunk-parallel semantics; the reference, first) and the chunk-parallel form; 2-layer memory,
-    ``heads`` independent sequences of ``length`` tokens, fixed gates."""
+    chunk-parallel semantics; the reference, first) and the chunk-parallel form in its two gradient
+    forms (``"Titans: chunk-parallel"`` is the default, factored one; ``", vmap"`` takes per-token
+    gradients with ``torch.func``); 2-layer memory, ``heads`` independent sequences of ``length``
+    tokens, fixed gates."""
     gen = runtime.generator(seed)
     params = init_memory(dim, depth=2, generator=gen)
     keys, queries = (F.normalize(torch.randn(heads, length, dim, generator=gen), dim=-1) for _ in range(2))
@@ -61,6 +63,8 @@ def titans_candidates(length: int, heads: int = 4, dim: int = 64, chunk_size: in
                                                         **gates)[0],
         "Titans: chunk-parallel": lambda: titans_chunked(params, keys, values, queries, chunk_size=chunk_size,
                                                          **gates)[0],
+        "Titans: chunk-parallel, vmap": lambda: titans_chunked(params, keys, values, queries, chunk_size=chunk_size,
+                                                               gradient_form="vmap", **gates)[0],
     }
 
 

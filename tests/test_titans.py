@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from nested_lab import runtime
 from nested_lab.memory.delta_rule import delta_rule_recurrent
 from nested_lab.memory.titans import (
+    GRADIENT_FORMS,
     association_loss,
     gradient_factors,
     init_memory,
@@ -104,33 +105,37 @@ def test_sequential_matches_a_plain_autograd_loop():
     assert _close(memory["weight_1"][0], weights[1])
 
 
+@pytest.mark.parametrize("form", GRADIENT_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_chunk_size_one_is_the_exact_recurrence(dtype, depth):
+def test_chunk_size_one_is_the_exact_recurrence(dtype, depth, form):
     params, keys, values, queries, gates = _problem(depth=depth, dtype=dtype)
     expected, expected_memory = titans_sequential(params, keys, values, queries, **gates)
-    got, memory = titans_chunked(params, keys, values, queries, **gates, chunk_size=1)
+    got, memory = titans_chunked(params, keys, values, queries, **gates, chunk_size=1, gradient_form=form)
     assert got.shape == (2, 37, 5) and _close(got, expected)
     assert all(memory[n].shape == (2, *params[n].shape) and _close(memory[n], expected_memory[n]) for n in params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk", [4, 16])
-def test_chunks_match_sequential_with_gradients_refreshed_every_chunk(dtype, chunk):
+@pytest.mark.parametrize("form", GRADIENT_FORMS)
+def test_chunks_match_sequential_with_gradients_refreshed_every_chunk(dtype, chunk, form):
     params, keys, values, queries, gates = _problem(dtype=dtype)  # 37 tokens: a ragged last chunk
     expected, expected_memory = titans_sequential(params, keys, values, queries, **gates, gradient_every=chunk)
-    got, memory = titans_chunked(params, keys, values, queries, **gates, chunk_size=chunk)
+    got, memory = titans_chunked(params, keys, values, queries, **gates, chunk_size=chunk, gradient_form=form)
     assert _close(got, expected)
     assert all(_close(memory[n], expected_memory[n]) for n in params)
     exact, _ = titans_sequential(params, keys, values, queries, **gates)
     assert (got - exact).abs().max() > 1e-3  # stale gradients change the result
 
 
-def test_call_start_gradients_do_not_depend_on_the_chunk_size():
+@pytest.mark.parametrize("form", GRADIENT_FORMS)
+def test_call_start_gradients_do_not_depend_on_the_chunk_size(form):
     params, keys, values, queries, gates = _problem()
     expected, _ = titans_sequential(params, keys, values, queries, **gates, gradient_every=37)
     for chunk in (1, 5, 64):
-        got, _ = titans_chunked(params, keys, values, queries, **gates, chunk_size=chunk, gradients_at="call_start")
+        got, _ = titans_chunked(params, keys, values, queries, **gates, chunk_size=chunk, gradients_at="call_start",
+                                gradient_form=form)
         assert _close(got, expected)
     paper, _ = titans_chunked(params, keys, values, queries, **gates, chunk_size=5)
     assert (paper - expected).abs().max() > 1e-3
@@ -166,7 +171,8 @@ def test_writing_one_pair_repeatedly_stores_it():
     assert after < 1e-3 * before
 
 
-def test_gradients_of_chunked_match_sequential_for_every_input():
+@pytest.mark.parametrize("form", GRADIENT_FORMS)
+def test_gradients_of_chunked_match_sequential_for_every_input(form):
     params, keys, values, queries, gates = _problem(batch=1, steps=11)
     inputs = {**params, "keys": keys, "values": values, "queries": queries, **gates}
 
@@ -177,7 +183,7 @@ def test_gradients_of_chunked_match_sequential_for_every_input():
         loss = out.square().sum() + memory["weight_0"].sum()
         return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
 
-    expected, got = grads(titans_sequential, gradient_every=4), grads(titans_chunked, chunk_size=4)
+    expected, got = grads(titans_sequential, gradient_every=4), grads(titans_chunked, chunk_size=4, gradient_form=form)
     for name in inputs:
         assert expected[name].abs().sum() > 0 and _close(got[name], expected[name]), name
 
@@ -241,6 +247,8 @@ def test_bad_options_raise():
         titans_chunked(params, **args, chunk_size=2.0)
     with pytest.raises(ValueError, match="unknown gradients_at 'end'; allowed: chunk_start, call_start"):
         titans_chunked(params, **args, gradients_at="end")
+    with pytest.raises(ValueError, match="unknown gradient_form 'autograd'; allowed: factored, vmap"):
+        titans_chunked(params, **args, gradient_form="autograd")
     with pytest.raises(ValueError, match="gradient_every must be >= 1"):
         titans_sequential(params, **args, gradient_every=0)
     with pytest.raises(ValueError, match="depth must be >= 1"):

@@ -26,7 +26,11 @@ the gradients, the weights being products of the gates (:func:`_decay_matrix`, a
 product). ``titans_sequential(gradient_every=b)`` takes its gradients at the same weights, so the
 two agree up to rounding.
 
-The gradient of the loss with respect to a layer's weight is an outer product,
+With ``gradient_form="vmap"`` the chunked form is the paper's as written: the chunk's gradients
+by ``torch.func.vmap`` over ``torch.func.grad`` (:func:`token_gradients`), and every per-token
+weight ``M_t`` formed from them (:func:`_chunk_from_gradients`). The default, ``"factored"``,
+computes the same numbers with less work:
+the gradient of the loss with respect to a layer's weight is an outer product,
 ``grad_{W_l} l = a_l^T d_l`` (the layer's input row ``a_l`` and the loss gradient ``d_l`` at its
 output, :func:`gradient_factors`). The chunked form keeps the two factors and never forms the
 per-token weights ``M_t``: a query's input ``x_t`` to a layer meets ``M_t`` as
@@ -49,6 +53,7 @@ from nested_lab import runtime
 from nested_lab.parameters import check_positive_ints
 
 GRADIENTS_AT = ("chunk_start", "call_start")
+GRADIENT_FORMS = ("factored", "vmap")
 Gate = float | Tensor
 
 
@@ -178,32 +183,47 @@ def _per_sequence(gate: Tensor, like: Tensor) -> Tensor:
 
 def titans_chunked(params: dict[str, Tensor], keys: Tensor, values: Tensor, queries: Tensor, *,
                    theta: Gate, eta: Gate, alpha: Gate, chunk_size: int = 64,
-                   gradients_at: str = "chunk_start") -> tuple[Tensor, dict[str, Tensor]]:
+                   gradients_at: str = "chunk_start", gradient_form: str = "factored"
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """Titans' memory (Eqs. 10, 13, 15) in the chunk-parallel form of the paper's Sec. 3.2.
 
     Same arguments and results as :func:`titans_sequential`. Inside a chunk of ``chunk_size``
     tokens (the last may be shorter) every gradient is taken at the weights of the chunk start
     (``gradients_at="chunk_start"``, the paper) or, for every chunk, at the weights the call
     started with (``"call_start"``, a cheaper approximation: all gradients in one pass; it equals
-    ``titans_sequential(gradient_every=T)`` whatever the chunk size).
+    ``titans_sequential(gradient_every=T)`` whatever the chunk size). ``gradient_form``: ``"vmap"``
+    takes the per-token gradients with ``torch.func`` and forms every ``M_t``; ``"factored"`` (the
+    default) gets the same numbers from the gradients' outer-product factors (see the module
+    docstring).
     """
     check_positive_ints(chunk_size=chunk_size)
     if gradients_at not in GRADIENTS_AT:
         raise ValueError(f"unknown gradients_at {gradients_at!r}; allowed: {', '.join(GRADIENTS_AT)}")
+    if gradient_form not in GRADIENT_FORMS:
+        raise ValueError(f"unknown gradient_form {gradient_form!r}; allowed: {', '.join(GRADIENT_FORMS)}")
     memory, theta, eta, alpha = _prepare(params, keys, values, queries, theta, eta, alpha)
     momentum = {name: torch.zeros_like(weight) for name, weight in memory.items()}
-    at_call_start = gradient_factors(memory, keys, values) if gradients_at == "call_start" else None
+    gradients, chunk_step = ((gradient_factors, _chunk) if gradient_form == "factored"
+                             else (_layer_gradients, _chunk_from_gradients))
+    at_call_start = gradients(memory, keys, values) if gradients_at == "call_start" else None
     outputs = []
     for begin in range(0, keys.shape[1], chunk_size):
         chunk = slice(begin, begin + chunk_size)
         if at_call_start is None:
-            factors = gradient_factors(memory, keys[:, chunk], values[:, chunk])
-        else:
-            factors = [(inputs[:, chunk], signals[:, chunk]) for inputs, signals in at_call_start]
-        output, memory, momentum = _chunk(memory, momentum, factors, queries[:, chunk], theta[:, chunk],
-                                          eta[:, chunk], 1 - alpha[:, chunk])
+            chunk_gradients = gradients(memory, keys[:, chunk], values[:, chunk])
+        else:  # per layer, a tensor or a pair of tensors with time in dimension 1
+            chunk_gradients = [tuple(part[:, chunk] for part in layer) if isinstance(layer, tuple) else layer[:, chunk]
+                               for layer in at_call_start]
+        output, memory, momentum = chunk_step(memory, momentum, chunk_gradients, queries[:, chunk],
+                                              theta[:, chunk], eta[:, chunk], 1 - alpha[:, chunk])
         outputs.append(output)
     return torch.cat(outputs, dim=1), memory
+
+
+def _layer_gradients(memory: dict[str, Tensor], keys: Tensor, values: Tensor) -> list[Tensor]:
+    """:func:`token_gradients` as a list in layer order, each ``[B, T, fan_in, fan_out]``."""
+    gradients = token_gradients(memory, keys, values)
+    return [gradients[f"weight_{layer}"] for layer in range(len(memory))]
 
 
 def _decay_matrix(gate: Tensor) -> Tensor:
@@ -249,6 +269,31 @@ def _chunk(memory: dict[str, Tensor], momentum: dict[str, Tensor], factors: list
                             - (inputs * end_mix[..., None]).mT @ signals)
         new_momentum[name] = (_per_sequence(momentum_decay[:, -1, 0], start) * carried
                               - (inputs * end_momentum_mix[..., None]).mT @ signals)
+    return rows, new_memory, new_momentum
+
+
+def _chunk_from_gradients(memory: dict[str, Tensor], momentum: dict[str, Tensor], gradients: list[Tensor],
+                          queries: Tensor, theta: Tensor, eta: Tensor, keep: Tensor
+                          ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`_chunk` from the per-token gradients ``G_j`` (``[B, c, fan_in, fan_out]`` per layer),
+    forming every weight ``M_t = A[t, 0] M_0 + K[t, 0] S_0 - sum_j K[t, j+1] theta_j G_j`` and reading
+    ``q_t`` through it: ``O(b D^2)`` memory per layer and chunk."""
+    momentum_decay, keep_decay = _decay_matrix(eta), _decay_matrix(keep)
+    kernel = keep_decay[..., 1:] @ momentum_decay
+    token_mix = kernel[..., 1:] * theta[:, None, :]  # [B, t, j]: weight of G_j in -M_t
+    end_momentum_mix = momentum_decay[:, -1, 1:] * theta
+    names = [f"weight_{layer}" for layer in range(len(memory))]
+    rows, new_memory, new_momentum = queries, {}, {}
+    for layer, (name, token_grads) in enumerate(zip(names, gradients, strict=True)):
+        start, carried = memory[name], momentum[name]
+        weights = (keep_decay[..., :1, None] * start[:, None] + kernel[..., :1, None] * carried[:, None]
+                   - torch.einsum("btj,bjio->btio", token_mix, token_grads))
+        rows = torch.einsum("bti,btio->bto", rows, weights)
+        if layer < len(names) - 1:
+            rows = F.silu(rows)
+        new_memory[name] = weights[:, -1]
+        new_momentum[name] = (_per_sequence(momentum_decay[:, -1, 0], start) * carried
+                              - torch.einsum("bj,bjio->bio", end_momentum_mix, token_grads))
     return rows, new_memory, new_momentum
 
 
