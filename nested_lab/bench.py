@@ -1,7 +1,7 @@
 """Benchmark helpers: timings measured side by side in one run, reported as ratios.
 
-A single timing on a shared 2-core machine moves by tens of percent from one
-minute to the next; a ratio of two timings taken in the same minute does not.
+A single timing on a busy machine can move by tens of percent from one minute
+to the next; a ratio of two timings taken in the same minute does not.
 :func:`interleaved_rounds` runs every candidate once per round, round after
 round, so that every candidate sees the same machine, and returns every round;
 a ratio can then be taken round by round. :func:`interleaved_timings` keeps each

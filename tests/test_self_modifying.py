@@ -175,6 +175,11 @@ def test_layer_rejects_bad_options(kwargs, match):
         SelfModifyingLinear(**{"in_features": 6, "out_features": 4, **kwargs})
 
 
+def test_layer_rejects_an_input_of_another_dtype():
+    with pytest.raises(TypeError, match=r"input must be torch\.float32 on cpu like the weight, got torch\.float64"):
+        _linear()(_rand(2, 6, dtype=torch.float64))
+
+
 # --- the Titan and the attention --------------------------------------------------------------
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm"])
@@ -317,6 +322,7 @@ def test_titans_layer_memory_is_drawn_under_the_seed():
     (lambda: TitansLayer(16, chunk_size=0), "chunk_size must be a positive int"),
     (lambda: TitansLayer(16, theta_max=0.0), "theta_max must be a number > 0"),
     (lambda: TitansLayer(16, gate_biases=(0.0, 0.0)), "three numbers"),
+    (lambda: TitansLayer(16, gate_biases=0.5), "three numbers"),
 ])
 def test_counterparts_reject_bad_options(make, match):
     with pytest.raises(ValueError, match=match):

@@ -1,5 +1,5 @@
 """Titans' neural memory: the MLP, its per-token gradients, the sequential reference and the
-chunk-parallel form (equalities, the delta-rule special case, gradients, speed, validation)."""
+chunk-parallel form (equalities, the delta-rule special case, gradients, validation)."""
 
 from __future__ import annotations
 

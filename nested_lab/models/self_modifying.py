@@ -147,6 +147,9 @@ class SelfModifyingLinear(nn.Module):
     def forward(self, x: torch.Tensor, update_weights: bool = True) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype or x.device != self.weight.device:
+            raise TypeError(f"input must be {self.weight.dtype} on {self.weight.device} like the weight, "
+                            f"got {x.dtype} on {x.device}")
         y = F.linear(x, self.weight, self.bias)
         if update_weights:
             self._self_modify(x)
@@ -319,7 +322,8 @@ class TitansLayer(nn.Module):
         _check_positive(dim=dim, depth=depth, chunk_size=chunk_size)
         if isinstance(theta_max, bool) or not isinstance(theta_max, int | float) or not theta_max > 0:
             raise ValueError(f"theta_max must be a number > 0, got {theta_max!r}")
-        if len(gate_biases) != 3:
+        if (not isinstance(gate_biases, tuple | list) or len(gate_biases) != 3
+                or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in gate_biases)):
             raise ValueError(f"gate_biases must hold three numbers (theta, eta, alpha), got {gate_biases!r}")
         self.dim, self.chunk_size, self.theta_max = dim, chunk_size, float(theta_max)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
