@@ -128,7 +128,6 @@ def test_bad_inputs():
         optimizer.step()
 
 
-
 def test_replica_keys_lose_the_memories_and_name_keys_keep_them():
     memory = dmgd.LearnedMomentum.for_model(analysis.model_fn("regression")(runtime.generator(0)),
                                             generator=runtime.generator(5))

@@ -211,19 +211,19 @@ def titans_chunked(params: dict[str, Tensor], keys: Tensor, values: Tensor, quer
         chunk = slice(begin, begin + chunk_size)
         if at_call_start is None:
             chunk_gradients = gradients(memory, keys[:, chunk], values[:, chunk])
-        else:  # per layer, a tensor or a pair of tensors with time in dimension 1
-            chunk_gradients = [tuple(part[:, chunk] for part in layer) if isinstance(layer, tuple) else layer[:, chunk]
-                               for layer in at_call_start]
+        else:  # per layer, a tuple of tensors with time in dimension 1
+            chunk_gradients = [tuple(part[:, chunk] for part in layer) for layer in at_call_start]
         output, memory, momentum = chunk_step(memory, momentum, chunk_gradients, queries[:, chunk],
                                               theta[:, chunk], eta[:, chunk], 1 - alpha[:, chunk])
         outputs.append(output)
     return torch.cat(outputs, dim=1), memory
 
 
-def _layer_gradients(memory: dict[str, Tensor], keys: Tensor, values: Tensor) -> list[Tensor]:
-    """:func:`token_gradients` as a list in layer order, each ``[B, T, fan_in, fan_out]``."""
+def _layer_gradients(memory: dict[str, Tensor], keys: Tensor, values: Tensor) -> list[tuple[Tensor]]:
+    """:func:`token_gradients` in layer order, each ``([B, T, fan_in, fan_out],)`` (a 1-tuple, shaped
+    like :func:`gradient_factors`' pairs)."""
     gradients = token_gradients(memory, keys, values)
-    return [gradients[f"weight_{layer}"] for layer in range(len(memory))]
+    return [(gradients[f"weight_{layer}"],) for layer in range(len(memory))]
 
 
 def _decay_matrix(gate: Tensor) -> Tensor:
@@ -242,6 +242,15 @@ def _decay_matrix(gate: Tensor) -> Tensor:
     return (products * (token >= start - 1)).transpose(1, 2)
 
 
+def _mixing(theta: Tensor, eta: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The weights of a chunk's recurrences (see :func:`_chunk`): ``E`` and ``A``, the
+    :func:`_decay_matrix` of ``eta`` and of ``1 - alpha``; ``K = A[:, 1:] E``; and ``K[t, j+1] theta_j``
+    ``[B, t, j]``, the weight of token ``j``'s gradient in ``-M_t``."""
+    momentum_decay, keep_decay = _decay_matrix(eta), _decay_matrix(keep)
+    kernel = keep_decay[..., 1:] @ momentum_decay
+    return momentum_decay, keep_decay, kernel, kernel[..., 1:] * theta[:, None, :]
+
+
 def _chunk(memory: dict[str, Tensor], momentum: dict[str, Tensor], factors: list[tuple[Tensor, Tensor]],
            queries: Tensor, theta: Tensor, eta: Tensor, keep: Tensor
            ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
@@ -252,9 +261,7 @@ def _chunk(memory: dict[str, Tensor], momentum: dict[str, Tensor], factors: list
     and ``1 - alpha``); substituting, ``M_t = A[t, 0] M_0 + K[t, 0] S_0 + sum_j K[t, j+1] u_j`` with
     ``K = A[:, 1:] E``.
     """
-    momentum_decay, keep_decay = _decay_matrix(eta), _decay_matrix(keep)
-    kernel = keep_decay[..., 1:] @ momentum_decay
-    token_mix = kernel[..., 1:] * theta[:, None, :]  # [B, t, j]: weight of a_j^T d_j in -M_t
+    momentum_decay, keep_decay, kernel, token_mix = _mixing(theta, eta, keep)
     end_mix, end_momentum_mix = token_mix[:, -1], momentum_decay[:, -1, 1:] * theta
     names = [f"weight_{layer}" for layer in range(len(memory))]
     rows, new_memory, new_momentum = queries, {}, {}
@@ -272,19 +279,17 @@ def _chunk(memory: dict[str, Tensor], momentum: dict[str, Tensor], factors: list
     return rows, new_memory, new_momentum
 
 
-def _chunk_from_gradients(memory: dict[str, Tensor], momentum: dict[str, Tensor], gradients: list[Tensor],
+def _chunk_from_gradients(memory: dict[str, Tensor], momentum: dict[str, Tensor], gradients: list[tuple[Tensor]],
                           queries: Tensor, theta: Tensor, eta: Tensor, keep: Tensor
                           ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """:func:`_chunk` from the per-token gradients ``G_j`` (``[B, c, fan_in, fan_out]`` per layer),
     forming every weight ``M_t = A[t, 0] M_0 + K[t, 0] S_0 - sum_j K[t, j+1] theta_j G_j`` and reading
     ``q_t`` through it: ``O(b D^2)`` memory per layer and chunk."""
-    momentum_decay, keep_decay = _decay_matrix(eta), _decay_matrix(keep)
-    kernel = keep_decay[..., 1:] @ momentum_decay
-    token_mix = kernel[..., 1:] * theta[:, None, :]  # [B, t, j]: weight of G_j in -M_t
+    momentum_decay, keep_decay, kernel, token_mix = _mixing(theta, eta, keep)
     end_momentum_mix = momentum_decay[:, -1, 1:] * theta
     names = [f"weight_{layer}" for layer in range(len(memory))]
     rows, new_memory, new_momentum = queries, {}, {}
-    for layer, (name, token_grads) in enumerate(zip(names, gradients, strict=True)):
+    for layer, (name, (token_grads,)) in enumerate(zip(names, gradients, strict=True)):
         start, carried = memory[name], momentum[name]
         weights = (keep_decay[..., :1, None] * start[:, None] + kernel[..., :1, None] * carried[:, None]
                    - torch.einsum("btj,bjio->btio", token_mix, token_grads))
