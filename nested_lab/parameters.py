@@ -45,11 +45,25 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
 
 def check_positive_ints(**values: object) -> None:
     """For library arguments: each value must be an int >= 1 (the message names the argument)."""
+    check_ints_at_least(1, **values)
+
+
+def check_ints_at_least(minimum: int, /, **values: object) -> None:
+    """For library arguments: each value must be an int (not a bool) >= ``minimum``; a value of
+    another type raises ``TypeError``, one below ``minimum`` ``ValueError``."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_numbers(**values: object) -> None:
+    """For library arguments: each value must be a real number (an int or a float, not a bool);
+    otherwise ``TypeError`` naming the argument. Ranges are the caller's to check."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
 
 
 def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:

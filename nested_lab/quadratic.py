@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from nested_lab.parameters import check_positive_ints
+
 REGIMES = ("monotone", "oscillating", "divergent")
 
 
@@ -94,5 +96,4 @@ def _positive_vector(name: str, values) -> torch.Tensor:
 
 
 def _check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_positive_ints(steps=steps)

@@ -181,9 +181,8 @@ def test_group_stats_sum_the_norms():
 
 @pytest.mark.parametrize("changes, message", [
     ({"min_lr_mult": 2.0, "max_lr_mult": 2.0}, "min_lr_mult < max_lr_mult"),
-    ({"update_freq": 0}, "update_freq must be a positive int"),
-    ({"unroll_steps": 0}, "unroll_steps must be a positive int"),
-    ({"meta_update_freq": True}, "meta_update_freq must be a positive int"),
+    ({"update_freq": 0}, "update_freq must be >= 1"),
+    ({"unroll_steps": 0}, "unroll_steps must be >= 1"),
     ({"input_scaling": "sqrt"}, "allowed: raw, log1p"),
     ({"meta_loss": "magic"}, "allowed: regularization, proxy, unrolled, hypergradient"),
     ({"variant": "deeper"}, "allowed: continuum, deep_nested"),
@@ -192,6 +191,12 @@ def test_group_stats_sum_the_norms():
 ])
 def test_invalid_settings_raise(changes, message):
     with pytest.raises(ValueError, match=message):
+        ContinuumConfig(**changes)
+
+
+@pytest.mark.parametrize("changes", [{"meta_update_freq": True}, {"update_freq": 2.0}, {"proxy_window": "8"}])
+def test_non_int_counts_raise_type_error(changes):
+    with pytest.raises(TypeError, match=f"{next(iter(changes))} must be an int"):
         ContinuumConfig(**changes)
 
 

@@ -181,12 +181,16 @@ def test_a_small_training_set_is_a_prefix_of_the_corpus():
 
 
 def test_bad_trainer_inputs():
-    with pytest.raises(ValueError, match="steps must be an int >= 4"):
+    with pytest.raises(ValueError, match="steps must be >= 4"):
         cortex_train.CortexTrainer(CortexConfig.original(**SMALL), steps=2)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        cortex_train.CortexTrainer(CortexConfig.original(**SMALL), steps=10.0)
     with pytest.raises(ValueError, match="unknown fault"):
         cortex_train.Fault(3, "fire")
-    with pytest.raises(ValueError, match="fault batch"):
+    with pytest.raises(ValueError, match="batch must be >= 0"):
         cortex_train.Fault(-1, "nan")
+    with pytest.raises(TypeError, match="batch must be an int"):
+        cortex_train.Fault(1.0, "nan")
     with pytest.raises(ValueError, match="at most one fault per batch"):
         cortex_train.train(CortexConfig.original(**SMALL), steps=5,
                            faults=(cortex_train.Fault(2, "nan"), cortex_train.Fault(2, "lr_spike")))

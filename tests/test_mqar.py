@@ -181,7 +181,10 @@ def test_two_layer_attention_learns_an_easy_recall():
     ({"mixer": "mamba"}, ValueError, "unknown mixer 'mamba'"),
     ({"dim": 30, "heads": 4}, ValueError, r"dim \(30\) must be divisible by heads \(4\)"),
     ({"causal": "yes"}, TypeError, "causal must be True or False"),
-    ({"steps": 0}, ValueError, "steps must be a positive int"),
+    ({"steps": 0}, ValueError, "steps must be >= 1"),
+    ({"steps": 10.0}, TypeError, "steps must be an int"),
+    ({"warmup_steps": -1}, ValueError, "warmup_steps must be >= 0"),
+    ({"weight_decay": "0"}, TypeError, "weight_decay must be a number"),
     ({"lr": 0.0}, ValueError, "lr must be > 0"),
     ({"seq_len": 8, "pairs": 3}, ValueError, "too short for 3 pairs"),
 ])
@@ -220,5 +223,7 @@ def test_elimination_accuracy():
     assert elimination_accuracy(1) == 1.0
     assert elimination_accuracy(2) == pytest.approx(0.75)
     assert elimination_accuracy(4) == pytest.approx((1 / 4 + 1 / 3 + 1 / 2 + 1) / 4)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="pairs must be >= 1"):
         elimination_accuracy(0)
+    with pytest.raises(TypeError, match="pairs must be an int"):
+        elimination_accuracy(2.0)

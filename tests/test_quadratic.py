@@ -68,9 +68,12 @@ def test_gd_scalar_trajectories_bad_curvatures_raise():
         quadratic.gd_scalar_trajectories([0.1], [[1.0]])
 
 
-@pytest.mark.parametrize("steps", [0, -1, True, False, 2.0, "10"])
-def test_gd_scalar_trajectories_bad_steps_raise(steps):
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+@pytest.mark.parametrize(("steps", "error", "message"), [
+    (0, ValueError, "steps must be >= 1"), (-1, ValueError, "steps must be >= 1"),
+    (True, TypeError, "steps must be an int"), (False, TypeError, "steps must be an int"),
+    (2.0, TypeError, "steps must be an int"), ("10", TypeError, "steps must be an int")])
+def test_gd_scalar_trajectories_bad_steps_raise(steps, error, message):
+    with pytest.raises(error, match=message):
         quadratic.gd_scalar_trajectories([0.1], [1.0], steps=steps)
 
 
@@ -208,7 +211,7 @@ def test_measured_critical_lr_bad_hessian_shape_raises(shape):
         quadratic.measured_critical_lr(torch.ones(shape, dtype=torch.float64), generator(0))
 
 
-@pytest.mark.parametrize("steps", [0, True, 1.5])
-def test_measured_critical_lr_bad_steps_raise(steps):
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+@pytest.mark.parametrize(("steps", "error"), [(0, ValueError), (True, TypeError), (1.5, TypeError)])
+def test_measured_critical_lr_bad_steps_raise(steps, error):
+    with pytest.raises(error, match="steps must be"):
         quadratic.measured_critical_lr(torch.eye(2, dtype=torch.float64)[None], generator(0), steps=steps)

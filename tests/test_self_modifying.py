@@ -168,11 +168,21 @@ def test_deferred_updates_are_applied_in_order_then_clamped():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"update": "eager"}, "unknown update 'eager'"),
     ({"self_mod_lr": -1e-3}, "lr must be >= 0"),
-    ({"in_features": 0}, "in_features must be a positive int"),
+    ({"in_features": 0}, "in_features must be >= 1"),
 ])
 def test_layer_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelfModifyingLinear(**{"in_features": 6, "out_features": 4, **kwargs})
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: SelfModifyingLinear(6.0, 4), "in_features must be an int"),
+    (lambda: DeltaRuleLayer(16, chunk_size=8.0), "chunk_size must be an int"),
+    (lambda: TitansLayer(16, theta_max="0.1"), "theta_max must be a number"),
+])
+def test_non_numeric_options_raise_type_error(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
 
 
 def test_layer_rejects_an_input_of_another_dtype():
@@ -318,8 +328,8 @@ def test_titans_layer_memory_is_drawn_under_the_seed():
 
 @pytest.mark.parametrize(("make", "match"), [
     (lambda: DeltaRuleLayer(10, num_heads=4), r"divisible by num_heads"),
-    (lambda: DeltaRuleLayer(16, chunk_size=0), "chunk_size must be a positive int"),
-    (lambda: TitansLayer(16, chunk_size=0), "chunk_size must be a positive int"),
+    (lambda: DeltaRuleLayer(16, chunk_size=0), "chunk_size must be >= 1"),
+    (lambda: TitansLayer(16, chunk_size=0), "chunk_size must be >= 1"),
     (lambda: TitansLayer(16, theta_max=0.0), "theta_max must be a number > 0"),
     (lambda: TitansLayer(16, gate_biases=(0.0, 0.0)), "three numbers"),
     (lambda: TitansLayer(16, gate_biases=0.5), "three numbers"),

@@ -33,8 +33,10 @@ def test_projection_trace_rejects_bad_input():
         analysis.projection_trace(_layer(), batch[:, :7], updates=3)
     with pytest.raises(ValueError, match="normalized=True"):
         analysis.projection_trace(_layer(normalized=False), batch, updates=3)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="updates must be >= 1"):
         analysis.projection_trace(_layer(), batch, updates=0)
+    with pytest.raises(TypeError, match="updates must be an int"):
+        analysis.projection_trace(_layer(), batch, updates=3.0)
 
 
 def test_demo_weight_change_is_small_and_deterministic():

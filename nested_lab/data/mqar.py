@@ -54,8 +54,7 @@ def elimination_accuracy(pairs: int) -> float:
     """MQAR accuracy of a model that knows only the format: each query's answer is one of the
     prefix values not asked before it (its value appears in the input after it), guessed
     uniformly, so query ``i`` is right with probability ``1 / (N - i)``; the mean over queries."""
-    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
-        raise ValueError(f"pairs must be a positive int, got {pairs!r}")
+    check_positive_ints(pairs=pairs)
     return sum(1 / (pairs - i) for i in range(pairs)) / pairs
 
 

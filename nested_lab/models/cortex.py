@@ -35,6 +35,7 @@ from nested_lab.memory.gates import GATES, MemoryGate
 from nested_lab.memory.ltm import LongTermMemory
 from nested_lab.memory.sparsity import SELECTIONS, select_tokens
 from nested_lab.memory.stm import ACCESS_COUNTS, STORAGES, ShortTermMemory
+from nested_lab.parameters import check_ints_at_least, check_numbers, check_positive_ints
 
 MEMORY_SCOPES = ("carried", "batch", "sequence")
 SCHEDULES = ("warm_restarts", "warmup_cosine", "constant")
@@ -110,10 +111,7 @@ class CortexConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(**{name: getattr(self, name) for name in _POSITIVE_INTS})
         if self.dim < 4:
             raise ValueError(f"dim must be >= 4 (the LTM compressor halves it twice), got {self.dim}")
         _in_range("active_fraction", self.active_fraction, 0, 1, low_open=True)
@@ -129,9 +127,11 @@ class CortexConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.logit_softcap is not None:
             _in_range("logit_softcap", self.logit_softcap, 0, math.inf, low_open=True, high_open=True)
-        if self.train_chars is not None and (isinstance(self.train_chars, bool) or not isinstance(self.train_chars, int)
-                                             or self.train_chars < self.context + 2):
-            raise ValueError(f"train_chars must be None or an int >= context + 2, got {self.train_chars!r}")
+        if self.train_chars is not None:  # None: the whole corpus
+            check_positive_ints(train_chars=self.train_chars)
+            if self.train_chars < self.context + 2:
+                raise ValueError(f"train_chars must be None or >= context + 2 = {self.context + 2} "
+                                 f"(one window and its next character), got {self.train_chars}")
         for name in ("stm_decay", "ema_decay"):
             value = getattr(self, name)
             if value is not None:
@@ -192,8 +192,7 @@ def _bundle(fixes: dict[str, dict], without: str | None) -> dict:
 
 def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False,
               high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    check_numbers(**{name: value})
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     too_low = value <= low if low_open else value < low
@@ -250,8 +249,7 @@ class CortexGPT(nn.Module):
         super().__init__()
         if not isinstance(config, CortexConfig):
             raise TypeError(f"config must be a CortexConfig, got {type(config).__name__}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_ints_at_least(2, vocab_size=vocab_size)
         self.config = config
         d = config.dim
         self.generator = runtime.generator(seed + 7_000)  # Gumbel noise and consolidation draws

@@ -38,6 +38,7 @@ from nested_lab.models.self_modifying import (
     TitansLayer,
     apply_pending_updates,
 )
+from nested_lab.parameters import check_ints_at_least, check_numbers, check_positive_ints
 
 MIXERS = ("attention", "delta", "titans", "self_modifying")
 _POSITIVE_INTS = ("dim", "layers", "heads", "vocab", "seq_len", "pairs", "steps", "batch_size", "eval_examples",
@@ -80,17 +81,14 @@ class MQARConfig:
             raise ValueError(f"unknown mixer {self.mixer!r}; allowed: {', '.join(MIXERS)}")
         if not isinstance(self.causal, bool):
             raise TypeError(f"causal must be True or False, got {self.causal!r}")
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(**{name: getattr(self, name) for name in _POSITIVE_INTS})
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        check_ints_at_least(0, warmup_steps=self.warmup_steps)
         for name in ("lr", "weight_decay", "self_mod_lr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            check_numbers(**{name: value})
+            if not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")

@@ -42,6 +42,7 @@ from torch import nn
 
 from nested_lab.memory.delta_rule import delta_rule_chunked
 from nested_lab.memory.titans import init_memory, titans_chunked
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 UPDATES = ("in_forward", "deferred")
 RNNS = ("gru", "lstm")
@@ -67,7 +68,8 @@ def _update_term(weight: torch.Tensor, inputs: torch.Tensor, lr: float, normaliz
                  eps: float) -> torch.Tensor | None:
     """``lr (W x_bar) x_bar^T [/ (|x_bar|^2 + eps)]``, or None when ``|x_bar|^2 <= eps``."""
     _check_update_inputs(weight, inputs, lr)
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+    check_numbers(eps=eps)
+    if not eps > 0:
         raise ValueError(f"eps must be a number > 0, got {eps!r}")
     with torch.no_grad():
         x_bar = inputs.detach().reshape(-1, weight.shape[1]).mean(dim=0)
@@ -105,20 +107,15 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_heads(dim: int, num_heads: int) -> None:
-    _check_positive(dim=dim, num_heads=num_heads)
+    check_positive_ints(dim=dim, num_heads=num_heads)
     if dim % num_heads:
         raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
 
 
 def _check_dropout(dropout: float) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+    check_numbers(dropout=dropout)
+    if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
 
@@ -132,7 +129,7 @@ class SelfModifyingLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, self_mod_lr: float = 0.01, bias: bool = True,
                  update: str = "in_forward", normalized: bool = True) -> None:
         super().__init__()
-        _check_positive(in_features=in_features, out_features=out_features)
+        check_positive_ints(in_features=in_features, out_features=out_features)
         _check_lr(self_mod_lr)
         _check_choice("update", update, UPDATES)
         if not isinstance(bias, bool) or not isinstance(normalized, bool):
@@ -203,7 +200,7 @@ class SelfModifyingTitan(nn.Module):
                  self_mod_lr: float = 1e-3, dropout: float = 0.1, rnn: str = "gru",
                  update: str = "in_forward") -> None:
         super().__init__()
-        _check_positive(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim, num_layers=num_layers)
+        check_positive_ints(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim, num_layers=num_layers)
         _check_choice("rnn", rnn, RNNS)
         _check_dropout(dropout)
         self.input_proj = SelfModifyingLinear(input_dim, hidden_dim, self_mod_lr, update=update)
@@ -278,7 +275,7 @@ class DeltaRuleLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int = 4, chunk_size: int = 64) -> None:
         super().__init__()
         _check_heads(dim, num_heads)
-        _check_positive(chunk_size=chunk_size)
+        check_positive_ints(chunk_size=chunk_size)
         self.dim, self.num_heads, self.head_dim, self.chunk_size = dim, num_heads, dim // num_heads, chunk_size
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.beta_proj = nn.Linear(dim, num_heads)
@@ -319,8 +316,9 @@ class TitansLayer(nn.Module):
                  theta_max: float = 0.1, gate_biases: tuple[float, float, float] = (0.0, -2.0, -4.0),
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        _check_positive(dim=dim, depth=depth, chunk_size=chunk_size)
-        if isinstance(theta_max, bool) or not isinstance(theta_max, int | float) or not theta_max > 0:
+        check_positive_ints(dim=dim, depth=depth, chunk_size=chunk_size)
+        check_numbers(theta_max=theta_max)
+        if not theta_max > 0:
             raise ValueError(f"theta_max must be a number > 0, got {theta_max!r}")
         if (not isinstance(gate_biases, tuple | list) or len(gate_biases) != 3
                 or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in gate_biases)):

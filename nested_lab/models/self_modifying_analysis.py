@@ -29,6 +29,7 @@ from nested_lab.models.self_modifying import (
     SelfModifyingTitan,
     self_modifying_update,
 )
+from nested_lab.parameters import check_positive_ints
 
 
 def projection_trace(layer: SelfModifyingLinear, batch: torch.Tensor, updates: int) -> pd.DataFrame:
@@ -42,8 +43,7 @@ def projection_trace(layer: SelfModifyingLinear, batch: torch.Tensor, updates: i
         raise ValueError(f"batch must have shape [N, {layer.in_features}], got {tuple(batch.shape)}")
     if not layer.normalized:
         raise ValueError("the (1 - lr)^n prediction holds for normalized=True only")
-    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
-        raise ValueError(f"updates must be a positive int, got {updates!r}")
+    check_positive_ints(updates=updates)
     mean = batch.mean(dim=0)
     mean_unit = mean / mean.norm()
     other = torch.roll(mean_unit, 1)

@@ -28,6 +28,7 @@ from torch import nn
 from nested_lab.optim.controller import INPUT_SCALINGS, LRController, group_stats, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import ProxyMetaLoss, regularization_loss
 from nested_lab.optim.unrolled import AdamWHyper, UnrollProblem, unrolled_meta_gradient
+from nested_lab.parameters import check_positive_ints
 
 META_LOSSES = ("regularization", "proxy", "unrolled", "hypergradient")
 VARIANTS = ("continuum", "deep_nested")
@@ -60,10 +61,8 @@ class ContinuumConfig:
         _choice("input_scaling", self.input_scaling, INPUT_SCALINGS)
         _choice("meta_loss", self.meta_loss, META_LOSSES)
         _choice("variant", self.variant, VARIANTS)
-        for name in ("update_freq", "meta_update_freq", "unroll_steps", "proxy_window", "proxy_warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(**{name: getattr(self, name) for name in
+                               ("update_freq", "meta_update_freq", "unroll_steps", "proxy_window", "proxy_warmup")})
         for name in ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -142,7 +141,9 @@ class ContinuumOptimizer:
 
     def step(self, loss: float) -> None:
         """One base step; first, on its schedule, the controller sets the multipliers."""
-        if isinstance(loss, bool) or not isinstance(loss, int | float) or not math.isfinite(loss):
+        if isinstance(loss, bool) or not isinstance(loss, int | float):
+            raise TypeError(f"step needs the training loss as a float (e.g. loss.item()), got {type(loss).__name__}")
+        if not math.isfinite(loss):
             raise ValueError(f"step needs the training loss as a finite float, got {loss!r}")
         self.steps += 1
         cfg = self.config

@@ -31,7 +31,7 @@ from torch.func import functional_call, grad
 
 from nested_lab import runtime
 from nested_lab.models.init import xavier_linear
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 META_GRADIENTS = ("original", "unrolled")
 MEMORY_KEYS = ("parameter_id", "name")
@@ -290,8 +290,9 @@ def check_meta_gradient(rule: str) -> None:
 
 
 def check_hyperparameters(lr: float, momentum: float, meta_lr: float) -> None:
+    check_numbers(lr=lr, momentum=momentum, meta_lr=meta_lr)
     for name, value in (("lr", lr), ("meta_lr", meta_lr)):
-        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+    if not 0 <= momentum < 1:
         raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")

@@ -35,7 +35,7 @@ from torch import nn
 from nested_lab import runtime
 from nested_lab.models.init import uniform_linear
 from nested_lab.optim import dmgd
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 AGGREGATIONS = ("last_task_last_step", "meta_batch")
 Task = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -47,7 +47,8 @@ def regression_tasks(count: int, generator: torch.Generator, input_dim: int = 10
     """``count`` linear-regression tasks ``y = x W + b + noise * eps`` (``b = 0`` unless ``bias``,
     noise level ~ U(0, ``max_noise``)); see the module docstring."""
     check_positive_ints(count=count, input_dim=input_dim)
-    if not isinstance(max_noise, int | float) or not 0 <= max_noise < math.inf:
+    check_numbers(max_noise=max_noise)
+    if not 0 <= max_noise < math.inf:
         raise ValueError(f"max_noise must be a finite number >= 0, got {max_noise!r}")
     tasks = []
     for _ in range(count):

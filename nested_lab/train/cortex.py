@@ -41,6 +41,7 @@ from nested_lab.data.corpus import CharCorpus, stdlib_text
 from nested_lab.memory.gates import gate_entropy
 from nested_lab.models.cortex import CortexConfig, CortexGPT, CortexOutput
 from nested_lab.optim.clipping import AdaptiveClipper
+from nested_lab.parameters import check_ints_at_least
 from nested_lab.train import metrics
 from nested_lab.train.ema import WeightEMA
 from nested_lab.train.guards import SpikeGuard
@@ -72,8 +73,7 @@ class Fault:
     def __post_init__(self) -> None:
         if self.kind not in FAULTS:
             raise ValueError(f"unknown fault {self.kind!r}; allowed: {', '.join(FAULTS)}")
-        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 0:
-            raise ValueError(f"fault batch must be an int >= 0, got {self.batch!r}")
+        check_ints_at_least(0, batch=self.batch)
         if not self.scale > 0:
             raise ValueError(f"fault scale must be > 0, got {self.scale!r}")
 
@@ -133,8 +133,7 @@ class CortexTrainer:
 
     def __init__(self, config: CortexConfig, seed: int = 0, steps: int = 500,
                  stream: metrics.MetricStream | None = None) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 4:
-            raise ValueError(f"steps must be an int >= 4, got {steps!r}")
+        check_ints_at_least(4, steps=steps)
         self.config, self.seed, self.steps = config, seed, steps
         self.device = runtime.device()
         self.model = CortexGPT(config, corpus().vocab_size, seed).to(self.device)
