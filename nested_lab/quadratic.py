@@ -52,8 +52,9 @@ def regime(trajectories: torch.Tensor) -> list[str]:
 def random_hessians(n: int, dim: int, generator: torch.Generator, max_eig: float = 4.0) -> torch.Tensor:
     """``n`` random symmetric positive-definite ``dim x dim`` matrices (float64) with
     random eigenvectors, eigenvalues uniform in (0, max_eig) and the largest equal to ``max_eig``."""
-    if n < 1 or dim < 1 or max_eig <= 0:
-        raise ValueError(f"need n >= 1, dim >= 1 and max_eig > 0, got n={n}, dim={dim}, max_eig={max_eig}")
+    check_positive_ints(n=n, dim=dim)
+    if not max_eig > 0:
+        raise ValueError(f"max_eig must be > 0, got {max_eig}")
     q, _ = torch.linalg.qr(torch.randn(n, dim, dim, generator=generator, dtype=torch.float64))
     eig = torch.rand(n, dim, generator=generator, dtype=torch.float64) * max_eig
     eig[:, 0] = max_eig

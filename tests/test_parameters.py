@@ -13,6 +13,8 @@ from nested_lab.parameters import (
     check_float,
     check_floats,
     check_int,
+    check_ints_at_least,
+    check_numbers,
     check_positive_ints,
 )
 
@@ -155,3 +157,48 @@ def test_check_positive_ints_names_the_argument():
         check_positive_ints(dim=2.0)
     with pytest.raises(TypeError, match="dim must be an int, got bool"):
         check_positive_ints(dim=True)
+
+
+def test_check_ints_at_least_and_check_numbers():
+    check_ints_at_least(0, batch=0)
+    with pytest.raises(ValueError, match="steps must be >= 4, got 3"):
+        check_ints_at_least(4, steps=3)
+    with pytest.raises(TypeError, match="steps must be an int, got str"):
+        check_ints_at_least(4, steps="5")
+    check_numbers(lr=1, eps=1e-8)
+    with pytest.raises(TypeError, match="lr must be a number, got str"):
+        check_numbers(lr="0.1")
+    with pytest.raises(TypeError, match="lr must be a number, got bool"):
+        check_numbers(lr=True)
+
+
+def _library_calls_with_an_int_argument(value):
+    """One call per library entry point that takes a count or a size, with ``value`` in it."""
+    from nested_lab import quadratic, runtime
+    from nested_lab.data.corpus import CharCorpus, stdlib_text
+    from nested_lab.models.char_mlp import CharMLP
+    from nested_lab.optim.clipping import AdaptiveClipper
+    from nested_lab.optim.saturation import controller_saturation
+    from nested_lab.train.guards import SpikeGuard
+    from nested_lab.viz.dashboard import LiveDashboard
+    from nested_lab.viz.style import colors
+
+    corpus = CharCorpus.from_text(stdlib_text()[:5000])
+    return {
+        "steps": lambda: controller_saturation([1.0], [0], steps=value),
+        "window": lambda: AdaptiveClipper(1.0, window=value),
+        "checkpoint_every": lambda: SpikeGuard(checkpoint_every=value),
+        "hidden": lambda: CharMLP(10, hidden=value),
+        "every": lambda: LiveDashboard(every=value),
+        "n": lambda: colors(value),
+        "dim": lambda: quadratic.random_hessians(2, value, runtime.generator(0)),
+        "batch_size": lambda: corpus.batch("train", value, 4, runtime.generator(0)),
+    }
+
+
+@pytest.mark.parametrize(("value", "error", "message"), [(0, ValueError, "must be >= 1, got 0"),
+                                                          (2.0, TypeError, "must be an int, got float")])
+def test_library_counts_and_sizes_are_checked(value, error, message):
+    for name, call in _library_calls_with_an_int_argument(value).items():
+        with pytest.raises(error, match=f"{name} {message}"):
+            call()

@@ -8,6 +8,8 @@ from pydoc_data.topics import topics
 
 import torch
 
+from nested_lab.parameters import check_positive_ints
+
 
 def stdlib_text() -> str:
     """The pydoc topic texts, concatenated in sorted-key order."""
@@ -47,8 +49,7 @@ class CharCorpus:
         """``batch_size`` random windows: inputs ``[B, context]`` and the next character ``[B]``."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if batch_size < 1 or context < 1:
-            raise ValueError(f"batch_size and context must be >= 1, got {batch_size}, {context}")
+        check_positive_ints(batch_size=batch_size, context=context)
         ids = self.train if split == "train" else self.val
         starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=generator)
         offsets = torch.arange(context + 1)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nested_lab.parameters import check_positive_ints
+
 
 class CharMLP(nn.Module):
     """Embed ``context`` characters, concatenate, one hidden tanh layer, logits over the vocabulary."""
@@ -14,9 +16,7 @@ class CharMLP(nn.Module):
     def __init__(self, vocab_size: int, context: int = 8, embed: int = 16, hidden: int = 128,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if min(vocab_size, context, embed, hidden) < 1:
-            raise ValueError(f"sizes must be >= 1, got vocab={vocab_size}, context={context}, "
-                             f"embed={embed}, hidden={hidden}")
+        check_positive_ints(vocab_size=vocab_size, context=context, embed=embed, hidden=hidden)
         self.context = context
         self.embedding = nn.Embedding(vocab_size, embed)
         self.hidden = nn.Linear(context * embed, hidden)

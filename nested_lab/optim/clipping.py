@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from nested_lab.parameters import check_positive_ints
+
 
 class AdaptiveClipper:
     """Clip to ``clip``, or to ``clip / tighten`` when the norm is a spike."""
@@ -24,8 +26,7 @@ class AdaptiveClipper:
         if not clip > 0 or not spike_factor > 1 or not tighten >= 1:
             raise ValueError(f"need clip > 0, spike_factor > 1 and tighten >= 1, got {clip}, {spike_factor}, "
                              f"{tighten}")
-        if window < 1 or warmup < 1:
-            raise ValueError(f"window and warmup must be >= 1, got {window} and {warmup}")
+        check_positive_ints(window=window, warmup=warmup)
         self.clip, self.spike_factor, self.tighten, self.warmup = clip, spike_factor, tighten, warmup
         self.history: deque[float] = deque(maxlen=window)
         self.spikes = 0

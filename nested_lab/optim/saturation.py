@@ -15,6 +15,7 @@ import torch
 from nested_lab import runtime
 from nested_lab.optim.controller import LRController, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import regularization_loss
+from nested_lab.parameters import check_positive_ints
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,9 @@ def controller_saturation(param_norms: list[float], seeds: list[int], steps: int
                           controller_lr: float = 1e-4, grad_norm: float = 2.0, depth: float = 0.6,
                           input_scaling: str = "raw", low: float = 0.1, high: float = 2.0) -> SaturationResult:
     """Run ``steps`` Adam steps of the regularization meta-loss for each (param norm, seed)."""
-    if not param_norms or not seeds or steps < 1:
-        raise ValueError("need at least one param norm, one seed and steps >= 1")
+    check_positive_ints(steps=steps)
+    if not param_norms or not seeds:
+        raise ValueError(f"need at least one param norm and one seed, got {param_norms} and {seeds}")
     first_raw = torch.zeros(len(param_norms), len(seeds))
     final_m = torch.zeros(len(param_norms), len(seeds))
     for i, norm in enumerate(param_norms):

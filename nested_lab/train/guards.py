@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nested_lab.parameters import check_positive_ints
+
 
 @dataclass
 class Checkpoint:
@@ -37,9 +39,7 @@ class SpikeGuard:
     def __init__(self, factor: float = 5.0, window: int = 50, warmup: int = 10, checkpoint_every: int = 25) -> None:
         if not factor > 1:
             raise ValueError(f"spike factor must be > 1, got {factor}")
-        if min(window, warmup, checkpoint_every) < 1:
-            raise ValueError(f"window, warmup and checkpoint_every must be >= 1, got {window}, {warmup}, "
-                             f"{checkpoint_every}")
+        check_positive_ints(window=window, warmup=warmup, checkpoint_every=checkpoint_every)
         self.factor, self.warmup, self.checkpoint_every = factor, warmup, checkpoint_every
         self.losses: deque[float] = deque(maxlen=window)
         self.recovery: Checkpoint | None = None

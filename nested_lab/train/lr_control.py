@@ -22,6 +22,7 @@ from nested_lab.models.char_mlp import CharMLP
 from nested_lab.optim import ContinuumConfig, ContinuumOptimizer, UnrollProblem
 from nested_lab.optim.continuum import ControllerTrace
 from nested_lab.optim.ensemble import ContinuumEnsemble
+from nested_lab.parameters import check_positive_ints
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,7 @@ def train(config: ContinuumConfig | None, seed: int, steps: int, task: CharTask 
     """Train one model for ``steps`` steps. ``config=None`` trains with plain AdamW at ``fixed_lr``."""
     if (config is None) == (fixed_lr is None):
         raise ValueError("give exactly one of config (ContinuumOptimizer) or fixed_lr (plain AdamW)")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_positive_ints(steps=steps)
     data_gen = runtime.generator(seed + 1_000)
     model = task.model(seed, norm_scale)
     if config is None:
@@ -130,8 +130,9 @@ def train_ensemble(config: ContinuumConfig, seeds: list[int], steps: int, task: 
                    norm_scale: float = 1.0) -> EnsembleResult:
     """The runs of :func:`train` for every seed at once (same models, data and controllers),
     vectorised over the seeds with ``torch.func``; used where latency matters."""
-    if steps < 1 or not seeds:
-        raise ValueError(f"need steps >= 1 and at least one seed, got {steps}, {seeds}")
+    check_positive_ints(steps=steps)
+    if not seeds:
+        raise ValueError("need at least one seed, got none")
     models = [task.model(seed, norm_scale) for seed in seeds]
     params, _ = stack_module_state(models)
     names = {id(p): name for name, p in models[0].named_parameters()}

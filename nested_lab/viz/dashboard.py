@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
+from nested_lab.parameters import check_positive_ints
 from nested_lab.runtime import is_headless
 
 
@@ -51,8 +52,7 @@ class LiveDashboard:
     """A :class:`~nested_lab.train.metrics.MetricStream` listener redrawing the dashboard."""
 
     def __init__(self, every: int = 25) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check_positive_ints(every=every)
         self.every = every
         self._handle = None
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import matplotlib as mpl
 import seaborn as sns
 
+from nested_lab.parameters import check_positive_ints
+
 PALETTE = "colorblind"
 
 
@@ -22,6 +24,5 @@ def use_book_style() -> None:
 
 def colors(n: int) -> list[str]:
     """``n`` hex colours of the book's palette, shared by matplotlib and Plotly figures."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_positive_ints(n=n)
     return sns.color_palette(PALETTE, n).as_hex()
