@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from nested_lab import runtime
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_ints_at_least, check_positive_ints
 
 
 def interleaved_rounds(candidates: Mapping[str, Callable[[], object]], rounds: int = 3, calls: int = 10,
@@ -30,8 +30,8 @@ def interleaved_rounds(candidates: Mapping[str, Callable[[], object]], rounds: i
     candidate makes ``calls`` calls, the candidates taking turns. ``warmup`` untimed calls first."""
     if not candidates:
         raise ValueError("give at least one candidate to time")
-    if min(rounds, calls) < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1, calls >= 1 and warmup >= 0, got {rounds}, {calls}, {warmup}")
+    check_positive_ints(rounds=rounds, calls=calls)
+    check_ints_at_least(0, warmup=warmup)
     for run in candidates.values():
         for _ in range(warmup):
             run()

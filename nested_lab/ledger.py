@@ -94,7 +94,7 @@ class Expectation:
 
 @dataclass(frozen=True)
 class Record:
-    """One row of the ledger, in the JSON format of DESIGN.md."""
+    """One row of the ledger, as stored in a chapter's JSON ledger file."""
 
     id: str
     chapter: str

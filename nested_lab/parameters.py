@@ -1,10 +1,13 @@
 """Checks for a notebook's parameters cell, so a bad papermill override fails
 at once with a message naming the parameter and what is allowed; and
-:func:`check_positive_ints` for the library's own integer arguments."""
+:func:`check_positive_ints`, :func:`check_ints_at_least` and :func:`check_numbers`
+for the library's own arguments (``TypeError`` for a wrong type, ``ValueError``
+for a value out of range)."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 
@@ -49,10 +52,10 @@ def check_positive_ints(**values: object) -> None:
 
 
 def check_ints_at_least(minimum: int, /, **values: object) -> None:
-    """For library arguments: each value must be an int (not a bool) >= ``minimum``; a value of
-    another type raises ``TypeError``, one below ``minimum`` ``ValueError``."""
+    """For library arguments: each value must be an int (not a bool; numpy integers count) >=
+    ``minimum``; a value of another type raises ``TypeError``, one below ``minimum`` ``ValueError``."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -62,7 +65,7 @@ def check_numbers(**values: object) -> None:
     """For library arguments: each value must be a real number (an int or a float, not a bool);
     otherwise ``TypeError`` naming the argument. Ranges are the caller's to check."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
 
 

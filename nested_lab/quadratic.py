@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 REGIMES = ("monotone", "oscillating", "divergent")
 
@@ -53,6 +53,7 @@ def random_hessians(n: int, dim: int, generator: torch.Generator, max_eig: float
     """``n`` random symmetric positive-definite ``dim x dim`` matrices (float64) with
     random eigenvectors, eigenvalues uniform in (0, max_eig) and the largest equal to ``max_eig``."""
     check_positive_ints(n=n, dim=dim)
+    check_numbers(max_eig=max_eig)
     if not max_eig > 0:
         raise ValueError(f"max_eig must be > 0, got {max_eig}")
     q, _ = torch.linalg.qr(torch.randn(n, dim, dim, generator=generator, dtype=torch.float64))
@@ -69,6 +70,7 @@ def measured_critical_lr(hessians: torch.Tensor, generator: torch.Generator, ste
     if hessians.ndim != 3 or hessians.shape[1] != hessians.shape[2]:
         raise ValueError(f"hessians must have shape [n, d, d], got {tuple(hessians.shape)}")
     _check_steps(steps)
+    check_positive_ints(iterations=iterations)
     x0 = torch.randn(hessians.shape[:2], generator=generator, dtype=hessians.dtype)
     # lambda_max <= |H|_F <= sqrt(d) lambda_max, so the bracket [0, 4 sqrt(d) / |H|_F] holds the boundary
     frobenius = torch.linalg.matrix_norm(hessians, ord="fro")

@@ -26,8 +26,12 @@ def test_interleaved_timings_keep_the_best_round_and_ratios_divide():
 def test_bad_benchmark_inputs():
     with pytest.raises(ValueError, match="at least one candidate"):
         bench.interleaved_rounds({})
-    with pytest.raises(ValueError, match="rounds >= 1"):
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
         bench.interleaved_rounds({"a": lambda: None}, rounds=0)
+    with pytest.raises(TypeError, match="rounds must be an int"):
+        bench.interleaved_rounds({"a": lambda: None}, rounds=True)
+    with pytest.raises(ValueError, match="warmup must be >= 0"):
+        bench.interleaved_rounds({"a": lambda: None}, warmup=-1)
     with pytest.raises(ValueError, match="reference"):
         bench.ratios({"a": 1.0}, "b")
 

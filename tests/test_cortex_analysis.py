@@ -97,8 +97,12 @@ def test_probe_restores_the_memories_and_coverage_loss():
 def test_log2_binomial():
     assert audit.log2_binomial(10, 3) == pytest.approx(math.log2(120))
     assert audit.log2_binomial(768, 38) == pytest.approx(math.log2(math.comb(768, 38)))
-    with pytest.raises(ValueError, match="0 <= k <= n"):
+    with pytest.raises(ValueError, match="k <= n"):
         audit.log2_binomial(3, 5)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        audit.log2_binomial(3, -1)
+    with pytest.raises(TypeError, match="k must be an int"):
+        audit.log2_binomial(768, 38.4)
 
 
 def test_corpus_sequences_are_shifted_windows():

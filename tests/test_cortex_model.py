@@ -203,6 +203,13 @@ def test_bad_configs_raise_clear_errors(changes, message):
         CortexConfig(**changes)
 
 
+@pytest.mark.parametrize("changes", [{"columns": 2.5}, {"dim": "64"}, {"train_chars": 1000.0}, {"stm_capacity": True}])
+def test_non_int_config_fields_raise_type_error(changes):
+    name = next(iter(changes))
+    with pytest.raises(TypeError, match=f"{name} must be an int"):
+        CortexConfig(**changes)
+
+
 def test_unknown_field_and_bad_inputs():
     with pytest.raises(ValueError, match="unknown CortexConfig field"):
         CortexConfig().with_(temperature=2)

@@ -94,7 +94,9 @@ def test_query_gaps_follow_the_power_law():
     ({"vocab": 2 * N + 1}, ValueError, "fewer than pairs=5 distinct keys"),
     ({"pairs": 0}, ValueError, "pairs must be >= 1"),
     ({"batch": 2.0}, TypeError, "batch must be an int"),
-    ({"gap_power": -1.0}, ValueError, "gap_power must be >= 0"),
+    ({"gap_power": -1.0}, ValueError, "gap_power must be finite and >= 0"),
+    ({"gap_power": float("inf")}, ValueError, "gap_power must be finite and >= 0"),
+    ({"gap_power": "1"}, TypeError, "gap_power must be a number"),
 ])
 def test_bad_data_arguments_raise(kwargs, error, match):
     with pytest.raises(error, match=match):

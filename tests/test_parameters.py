@@ -173,32 +173,68 @@ def test_check_ints_at_least_and_check_numbers():
 
 
 def _library_calls_with_an_int_argument(value):
-    """One call per library entry point that takes a count or a size, with ``value`` in it."""
-    from nested_lab import quadratic, runtime
+    """(argument, call) for every library entry point that takes a count or a size, with ``value``
+    as that argument."""
+    from nested_lab import bench, quadratic, runtime
     from nested_lab.data.corpus import CharCorpus, stdlib_text
+    from nested_lab.memory.consolidation import Consolidator
+    from nested_lab.memory.ltm import LongTermMemory
+    from nested_lab.memory.stm import ShortTermMemory
     from nested_lab.models.char_mlp import CharMLP
+    from nested_lab.optim import ContinuumConfig
     from nested_lab.optim.clipping import AdaptiveClipper
+    from nested_lab.optim.meta_losses import ProxyMetaLoss
     from nested_lab.optim.saturation import controller_saturation
+    from nested_lab.train import lr_control, metrics
     from nested_lab.train.guards import SpikeGuard
     from nested_lab.viz.dashboard import LiveDashboard
     from nested_lab.viz.style import colors
 
     corpus = CharCorpus.from_text(stdlib_text()[:5000])
-    return {
-        "steps": lambda: controller_saturation([1.0], [0], steps=value),
-        "window": lambda: AdaptiveClipper(1.0, window=value),
-        "checkpoint_every": lambda: SpikeGuard(checkpoint_every=value),
-        "hidden": lambda: CharMLP(10, hidden=value),
-        "every": lambda: LiveDashboard(every=value),
-        "n": lambda: colors(value),
-        "dim": lambda: quadratic.random_hessians(2, value, runtime.generator(0)),
-        "batch_size": lambda: corpus.batch("train", value, 4, runtime.generator(0)),
-    }
+    losses = [float(i % 7) for i in range(100)]
+    return [
+        ("steps", lambda: controller_saturation([1.0], [0], steps=value)),
+        ("steps", lambda: lr_control.train(None, 0, value, fixed_lr=1e-3)),
+        ("steps", lambda: lr_control.train_ensemble(ContinuumConfig.original(), [0], value)),
+        ("window", lambda: AdaptiveClipper(1.0, window=value)),
+        ("warmup", lambda: AdaptiveClipper(1.0, warmup=value)),
+        ("window", lambda: SpikeGuard(window=value)),
+        ("warmup", lambda: SpikeGuard(warmup=value)),
+        ("checkpoint_every", lambda: SpikeGuard(checkpoint_every=value)),
+        ("vocab_size", lambda: CharMLP(value)),
+        ("context", lambda: CharMLP(10, context=value)),
+        ("embed", lambda: CharMLP(10, embed=value)),
+        ("hidden", lambda: CharMLP(10, hidden=value)),
+        ("every", lambda: LiveDashboard(every=value)),
+        ("n", lambda: colors(value)),
+        ("n", lambda: quadratic.random_hessians(value, 2, runtime.generator(0))),
+        ("dim", lambda: quadratic.random_hessians(2, value, runtime.generator(0))),
+        ("iterations", lambda: quadratic.measured_critical_lr(quadratic.random_hessians(1, 2, runtime.generator(0)),
+                                                              runtime.generator(0), iterations=value)),
+        ("batch_size", lambda: corpus.batch("train", value, 4, runtime.generator(0))),
+        ("context", lambda: corpus.batch("train", 2, value, runtime.generator(0))),
+        ("capacity", lambda: ShortTermMemory(8, capacity=value)),
+        ("top_k", lambda: LongTermMemory(8, top_k=value)),
+        ("code_dim", lambda: LongTermMemory(8, code_dim=value)),
+        ("interval", lambda: Consolidator(8, 4, interval=value)),
+        ("threshold", lambda: Consolidator(8, 4, threshold=value)),
+        ("warmup", lambda: ProxyMetaLoss(warmup=value)),
+        ("rounds", lambda: bench.interleaved_rounds({"a": lambda: None}, rounds=value)),
+        ("calls", lambda: bench.interleaved_rounds({"a": lambda: None}, calls=value)),
+        ("lag", lambda: metrics.autocorrelation(losses, value)),
+        ("window", lambda: metrics.count_spikes(losses, window=value)),
+    ]
 
 
 @pytest.mark.parametrize(("value", "error", "message"), [(0, ValueError, "must be >= 1, got 0"),
                                                           (2.0, TypeError, "must be an int, got float")])
 def test_library_counts_and_sizes_are_checked(value, error, message):
-    for name, call in _library_calls_with_an_int_argument(value).items():
+    for name, call in _library_calls_with_an_int_argument(value):
         with pytest.raises(error, match=f"{name} {message}"):
             call()
+
+
+def test_numpy_integers_count_as_ints():
+    check_positive_ints(n=np.int64(3))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        check_positive_ints(n=np.int64(0))

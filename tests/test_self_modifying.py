@@ -90,8 +90,9 @@ def test_each_variant_skips_below_its_own_threshold():
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"inputs": _rand(3, 5)}, ValueError, r"\[\.\.\., 6\]"),
     ({"weight": _rand(6)}, ValueError, "weight must have shape"),
-    ({"lr": -0.1}, ValueError, "lr must be >= 0"),
-    ({"lr": float("nan")}, TypeError, "finite"),
+    ({"lr": -0.1}, ValueError, "lr must be finite and >= 0"),
+    ({"lr": float("nan")}, ValueError, "lr must be finite and >= 0"),
+    ({"lr": "0.1"}, TypeError, "lr must be a number"),
     ({"inputs": _rand(3, 6, dtype=torch.float64)}, TypeError, "dtype"),
     ({"eps": 0.0}, ValueError, "eps must be a number > 0"),
 ])
@@ -167,7 +168,7 @@ def test_deferred_updates_are_applied_in_order_then_clamped():
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"update": "eager"}, "unknown update 'eager'"),
-    ({"self_mod_lr": -1e-3}, "lr must be >= 0"),
+    ({"self_mod_lr": -1e-3}, "lr must be finite and >= 0"),
     ({"in_features": 0}, "in_features must be >= 1"),
 ])
 def test_layer_rejects_bad_options(kwargs, match):
@@ -220,7 +221,7 @@ def test_titan_in_forward_breaks_training_and_deferred_trains():
     ({"rnn": "transformer"}, "unknown rnn 'transformer'"),
     ({"update": "later"}, "unknown update"),
     ({"dropout": 1.0}, "dropout"),
-    ({"self_mod_lr": -1.0}, "lr must be >= 0"),
+    ({"self_mod_lr": -1.0}, "lr must be finite and >= 0"),
 ])
 def test_titan_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

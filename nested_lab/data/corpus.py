@@ -8,7 +8,7 @@ from pydoc_data.topics import topics
 
 import torch
 
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_ints_at_least, check_positive_ints
 
 
 def stdlib_text() -> str:
@@ -36,7 +36,8 @@ class CharCorpus:
 
     def with_train_chars(self, count: int) -> CharCorpus:
         """The same corpus with only the first ``count`` training characters (a small training set)."""
-        if not 1 < count <= len(self.train):
+        check_ints_at_least(2, count=count)
+        if count > len(self.train):
             raise ValueError(f"count must be in [2, {len(self.train)}], got {count}")
         return CharCorpus(self.vocabulary, self.train[:count], self.val)
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 IGNORE_INDEX = -100
 FILLER_TOKEN = 0
@@ -111,7 +111,6 @@ def _check(batch: int, seq_len: int, pairs: int, vocab: int, generator: torch.Ge
                         f"got {type(generator).__name__}")
     if generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
-    if isinstance(gap_power, bool) or not isinstance(gap_power, int | float) or not math.isfinite(gap_power):
-        raise TypeError(f"gap_power must be a finite number, got {gap_power!r}")
-    if gap_power < 0:
-        raise ValueError(f"gap_power must be >= 0 (0 = uniform query positions), got {gap_power}")
+    check_numbers(gap_power=gap_power)
+    if not math.isfinite(gap_power) or gap_power < 0:
+        raise ValueError(f"gap_power must be finite and >= 0 (0 = uniform query positions), got {gap_power}")

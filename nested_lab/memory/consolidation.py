@@ -33,6 +33,7 @@ from torch import nn
 
 from nested_lab.memory.ltm import LongTermMemory
 from nested_lab.memory.stm import ShortTermMemory
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 CONSOLIDATIONS = ("random", "interval", "gradual", "shipped_sync", "shipped_async")
 
@@ -45,10 +46,10 @@ class Consolidator(nn.Module):
         super().__init__()
         if kind not in CONSOLIDATIONS:
             raise ValueError(f"unknown consolidation {kind!r}; allowed: {', '.join(CONSOLIDATIONS)}")
+        check_numbers(probability=probability)
         if not 0 <= probability <= 1:
             raise ValueError(f"consolidation probability must be in [0, 1], got {probability}")
-        if interval < 1 or threshold < 1:
-            raise ValueError(f"consolidation interval and threshold must be >= 1, got {interval}, {threshold}")
+        check_positive_ints(interval=interval, threshold=threshold)
         self.kind, self.probability, self.interval, self.threshold = kind, probability, interval, threshold
         self.network = nn.Sequential(nn.Linear(2 * dim, code_dim), nn.ReLU(), nn.Linear(code_dim, code_dim))
         self.transfer_gate = nn.Linear(2 * dim, 1) if kind == "gradual" else None

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nested_lab.parameters import check_ints_at_least, check_positive_ints
+
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -41,8 +43,8 @@ class LongTermMemory(nn.Module):
 
     def __init__(self, dim: int, code_dim: int = 32, top_k: int = 5) -> None:
         super().__init__()
-        if dim < 4 or code_dim < 1 or top_k < 1:
-            raise ValueError(f"need dim >= 4, code_dim >= 1 and top_k >= 1, got {dim}, {code_dim}, {top_k}")
+        check_ints_at_least(4, dim=dim)  # the compressor halves it twice
+        check_positive_ints(code_dim=code_dim, top_k=top_k)
         self.dim, self.code_dim, self.top_k = dim, code_dim, top_k
         self.compressor = _mlp([dim, dim // 2, dim // 4, code_dim])
         self.decompressor = _mlp([code_dim, dim // 4, dim // 2, dim])

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nested_lab.parameters import check_positive_ints
+
 ACCESS_COUNTS = ("flat_index", "entry")
 STORAGES = ("batch", "row")
 
@@ -90,8 +92,7 @@ class ShortTermMemory(nn.Module):
     def __init__(self, dim: int, capacity: int = 128, access_count: str = "flat_index",
                  decay_rate: float | None = None, storage: str = "batch") -> None:
         super().__init__()
-        if dim < 1 or capacity < 1:
-            raise ValueError(f"dim and capacity must be >= 1, got {dim} and {capacity}")
+        check_positive_ints(dim=dim, capacity=capacity)
         if access_count not in ACCESS_COUNTS:
             raise ValueError(f"unknown access_count {access_count!r}; allowed: {', '.join(ACCESS_COUNTS)}")
         if storage not in STORAGES:

@@ -19,6 +19,7 @@ from nested_lab.memory.gates import softmax_jacobian
 from nested_lab.memory.sparsity import hard_topk_mask
 from nested_lab.memory.stm import ShortTermMemory
 from nested_lab.models.cortex import CortexGPT, CortexOutput
+from nested_lab.parameters import check_ints_at_least
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ def dead_unit_fraction(model: CortexGPT, batches: list[torch.Tensor]) -> float:
 
 def log2_binomial(n: int, k: int) -> float:
     """``log2 C(n, k)``, exactly (through the log-gamma function)."""
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got n={n}, k={k}")
+    check_ints_at_least(0, n=n, k=k)
+    if k > n:
+        raise ValueError(f"need k <= n, got n={n}, k={k}")
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 

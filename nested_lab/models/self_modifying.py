@@ -96,10 +96,10 @@ def _check_update_inputs(weight: torch.Tensor, inputs: torch.Tensor, lr: float) 
 
 
 def _check_lr(lr: float) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
-        raise TypeError(f"the self-modification lr must be a finite number, got {lr!r}")
-    if lr < 0:
-        raise ValueError(f"the self-modification lr must be >= 0, got {lr}")
+    if isinstance(lr, bool) or not isinstance(lr, int | float):
+        raise TypeError(f"the self-modification lr must be a number, got {type(lr).__name__} ({lr!r})")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"the self-modification lr must be finite and >= 0, got {lr}")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 
 class AdaptiveClipper:
@@ -23,6 +23,7 @@ class AdaptiveClipper:
 
     def __init__(self, clip: float, window: int = 100, spike_factor: float = 3.0, tighten: float = 10.0,
                  warmup: int = 10) -> None:
+        check_numbers(clip=clip, spike_factor=spike_factor, tighten=tighten)
         if not clip > 0 or not spike_factor > 1 or not tighten >= 1:
             raise ValueError(f"need clip > 0, spike_factor > 1 and tighten >= 1, got {clip}, {spike_factor}, "
                              f"{tighten}")

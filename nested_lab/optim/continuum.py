@@ -28,7 +28,7 @@ from torch import nn
 from nested_lab.optim.controller import INPUT_SCALINGS, LRController, group_stats, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import ProxyMetaLoss, regularization_loss
 from nested_lab.optim.unrolled import AdamWHyper, UnrollProblem, unrolled_meta_gradient
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 META_LOSSES = ("regularization", "proxy", "unrolled", "hypergradient")
 VARIANTS = ("continuum", "deep_nested")
@@ -63,6 +63,9 @@ class ContinuumConfig:
         _choice("variant", self.variant, VARIANTS)
         check_positive_ints(**{name: getattr(self, name) for name in
                                ("update_freq", "meta_update_freq", "unroll_steps", "proxy_window", "proxy_warmup")})
+        check_numbers(**{name: getattr(self, name) for name in
+                          ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr", "min_lr_mult",
+                           "max_lr_mult", "weight_decay")})
         for name in ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -142,7 +145,7 @@ class ContinuumOptimizer:
     def step(self, loss: float) -> None:
         """One base step; first, on its schedule, the controller sets the multipliers."""
         if isinstance(loss, bool) or not isinstance(loss, int | float):
-            raise TypeError(f"step needs the training loss as a float (e.g. loss.item()), got {type(loss).__name__}")
+            raise TypeError(f"loss must be the training loss as a float (e.g. loss.item()), got {type(loss).__name__}")
         if not math.isfinite(loss):
             raise ValueError(f"step needs the training loss as a finite float, got {loss!r}")
         self.steps += 1

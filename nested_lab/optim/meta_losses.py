@@ -14,6 +14,8 @@ from collections import deque
 
 import torch
 
+from nested_lab.parameters import check_ints_at_least, check_numbers, check_positive_ints
+
 
 def regularization_loss(m: torch.Tensor) -> torch.Tensor:
     """``((m - 1)^2).mean()``."""
@@ -30,8 +32,11 @@ class ProxyMetaLoss:
     """
 
     def __init__(self, window: int = 100, threshold: float = 1e-3, warmup: int = 10) -> None:
-        if window < 2 or warmup < 1 or warmup > window:
-            raise ValueError(f"need window >= 2 and 1 <= warmup <= window, got window={window}, warmup={warmup}")
+        check_ints_at_least(2, window=window)
+        check_positive_ints(warmup=warmup)
+        check_numbers(threshold=threshold)
+        if warmup > window:
+            raise ValueError(f"need warmup <= window, got window={window}, warmup={warmup}")
         self.threshold = threshold
         self.warmup = warmup
         self.losses: deque[float] = deque(maxlen=window)

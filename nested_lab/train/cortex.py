@@ -41,7 +41,7 @@ from nested_lab.data.corpus import CharCorpus, stdlib_text
 from nested_lab.memory.gates import gate_entropy
 from nested_lab.models.cortex import CortexConfig, CortexGPT, CortexOutput
 from nested_lab.optim.clipping import AdaptiveClipper
-from nested_lab.parameters import check_ints_at_least
+from nested_lab.parameters import check_ints_at_least, check_numbers
 from nested_lab.train import metrics
 from nested_lab.train.ema import WeightEMA
 from nested_lab.train.guards import SpikeGuard
@@ -74,6 +74,7 @@ class Fault:
         if self.kind not in FAULTS:
             raise ValueError(f"unknown fault {self.kind!r}; allowed: {', '.join(FAULTS)}")
         check_ints_at_least(0, batch=self.batch)
+        check_numbers(scale=self.scale)
         if not self.scale > 0:
             raise ValueError(f"fault scale must be > 0, got {self.scale!r}")
 

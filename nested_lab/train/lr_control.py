@@ -22,7 +22,7 @@ from nested_lab.models.char_mlp import CharMLP
 from nested_lab.optim import ContinuumConfig, ContinuumOptimizer, UnrollProblem
 from nested_lab.optim.continuum import ControllerTrace
 from nested_lab.optim.ensemble import ContinuumEnsemble
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class CharTask:
 
     def model(self, seed: int, norm_scale: float = 1.0) -> CharMLP:
         """A fresh model; ``norm_scale`` multiplies every initial weight (and so every parameter norm)."""
+        check_numbers(norm_scale=norm_scale)
         if not norm_scale > 0:
             raise ValueError(f"norm_scale must be > 0, got {norm_scale}")
         model = CharMLP(corpus().vocab_size, self.context, self.embed, self.hidden, runtime.generator(seed))

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from nested_lab.parameters import check_numbers, check_positive_ints
+
 
 def second_half(values: Sequence[float]) -> np.ndarray:
     values = np.asarray(values, dtype=float)
@@ -61,6 +63,8 @@ def loss_variance(losses: Sequence[float]) -> float:
 
 def count_spikes(losses: Sequence[float], factor: float = 5.0, window: int = 50) -> int:
     """Steps whose loss exceeds ``factor`` x the mean of the previous ``window`` losses."""
+    check_numbers(factor=factor)
+    check_positive_ints(window=window)
     series = pd.Series(losses, dtype=float)
     previous = series.rolling(window, min_periods=10).mean().shift(1)
     return int((series > factor * previous).sum())
@@ -77,6 +81,7 @@ def _autocorrelation(losses: Sequence[float]) -> np.ndarray:
 
 def autocorrelation(losses: Sequence[float], lag: int) -> float:
     """Autocorrelation at ``lag`` steps of the changes ``l[t+1] - l[t]`` of the second-half loss."""
+    check_positive_ints(lag=lag)
     changes = np.diff(second_half(losses))
     if not 1 <= lag < len(changes) - 1:
         raise ValueError(f"lag must be in [1, {len(changes) - 1}), got {lag}")
