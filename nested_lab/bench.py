@@ -58,16 +58,23 @@ def ratios(timings: Mapping[str, float], reference: str) -> dict[str, float]:
     return {name: seconds / timings[reference] for name, seconds in timings.items()}
 
 
-def batched_matmul_gflops(size: int = 64, batch: int = 256, rounds: int = 3) -> float:
-    """Measured throughput of ``torch.bmm`` on ``(batch, size, size)`` fp32 matrices, in GFLOP/s:
-    ``2 size^3 batch`` operations per product over the best round's seconds per product."""
-    check_positive_ints(size=size, batch=batch, rounds=rounds)
+def batched_matmul(size: int = 64, batch: int = 256) -> tuple[Callable[[], torch.Tensor], float]:
+    """A ``torch.bmm`` of two ``(batch, size, size)`` fp32 tensors, ready to time, and its operation
+    count ``2 size^3 batch``."""
+    check_positive_ints(size=size, batch=batch)
     gen = runtime.generator(0)
     left = torch.randn(batch, size, size, generator=gen)
     right = torch.randn(batch, size, size, generator=gen)
-    flops = 2.0 * size**3 * batch
+    return (lambda: torch.bmm(left, right)), 2.0 * size**3 * batch
+
+
+def batched_matmul_gflops(size: int = 64, batch: int = 256, rounds: int = 3) -> float:
+    """Measured throughput of :func:`batched_matmul`, in GFLOP/s: its operations over the best
+    round's seconds per product."""
+    check_positive_ints(rounds=rounds)
+    product, flops = batched_matmul(size, batch)
     calls = min(200, max(3, math.ceil(3e7 / flops)))  # rounds of at least ~3e7 operations
-    seconds = interleaved_timings({"bmm": lambda: torch.bmm(left, right)}, rounds=rounds, calls=calls)["bmm"]
+    seconds = interleaved_timings({"bmm": product}, rounds=rounds, calls=calls)["bmm"]
     return flops / seconds / 1e9
 
 

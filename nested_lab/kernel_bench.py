@@ -5,6 +5,8 @@ chunked forms -- run on the same random inputs, taking turns round after round
 (:func:`nested_lab.bench.interleaved_timings`), and every chunked output is compared with the
 reference's. :func:`scaling` returns one row per (length, candidate): best seconds per call,
 the speed-up over the reference measured in the same run, and the largest absolute difference.
+:func:`delta_rule_matmul_fraction` reads the chunked delta rule's speed as a fraction of the
+machine's batched matrix product, timed side by side.
 :func:`titans_staleness` measures what the chunked Titans forms give up against the exact
 per-token recurrence.
 """
@@ -88,6 +90,23 @@ def scaling(make_candidates: Callable[[int], Candidates], lengths: Sequence[int]
                       "speedup": seconds[reference_name] / seconds[name], "max_error": errors[name]}
                      for name in candidates]
     return pd.DataFrame(rows)
+
+
+def delta_rule_matmul_fraction(length: int, heads: int = 4, dim: int = 64, chunk_size: int = 64,
+                               seed: int = 0, rounds: int = 3) -> dict[str, float]:
+    """How close the chunked delta rule comes to the machine's batched matrix product: the kernel at
+    ``chunk_size`` on the inputs of :func:`delta_rule_candidates` and a ``torch.bmm`` of 256
+    ``dim x dim`` matrices, timed in the same interleaved rounds so that both see the same machine.
+    Returns ``kernel_gflops`` (:func:`bench.delta_rule_flops` over the best round), ``matmul_gflops``
+    and their ratio ``fraction``."""
+    kernel = delta_rule_candidates(length, heads, dim, chunk_size, seed,
+                                   other_chunk_sizes=())["delta: chunked, triangular solve"]
+    product, product_flops = bench.batched_matmul(dim, batch=256)
+    with torch.no_grad():
+        seconds = bench.interleaved_timings({"kernel": kernel, "matmul": product}, rounds=rounds, calls=3, warmup=1)
+    kernel_gflops = bench.delta_rule_flops(1, heads, length, dim, dim, chunk_size) / seconds["kernel"] / 1e9
+    matmul_gflops = product_flops / seconds["matmul"] / 1e9
+    return {"kernel_gflops": kernel_gflops, "matmul_gflops": matmul_gflops, "fraction": kernel_gflops / matmul_gflops}
 
 
 def titans_staleness(length: int = 256, chunk_sizes: Sequence[int] = (4, 16, 64), seed: int = 0) -> pd.DataFrame:

@@ -31,3 +31,10 @@ def test_titans_staleness_is_zero_for_one_token_chunks_and_grows_with_chunk_size
     assert error[(1, "chunk_start")] < 1e-5
     assert error[(8, "chunk_start")] > error[(1, "chunk_start")]
     assert error[(8, "call_start")] >= error[(8, "chunk_start")]
+
+
+def test_delta_rule_matmul_fraction_is_the_ratio_of_two_positive_rates():
+    result = kernel_bench.delta_rule_matmul_fraction(64, heads=2, dim=16, chunk_size=8, rounds=1)
+    assert set(result) == {"kernel_gflops", "matmul_gflops", "fraction"}
+    assert result["kernel_gflops"] > 0 and result["matmul_gflops"] > 0
+    assert result["fraction"] == pytest.approx(result["kernel_gflops"] / result["matmul_gflops"])
