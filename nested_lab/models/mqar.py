@@ -85,9 +85,9 @@ class MQARConfig:
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         check_ints_at_least(0, warmup_steps=self.warmup_steps)
-        for name in ("lr", "weight_decay", "self_mod_lr"):
-            value = getattr(self, name)
-            check_numbers(**{name: value})
+        rates = {name: getattr(self, name) for name in ("lr", "weight_decay", "self_mod_lr")}
+        check_numbers(**rates)
+        for name, value in rates.items():
             if not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if self.lr <= 0:

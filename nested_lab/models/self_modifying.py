@@ -96,8 +96,7 @@ def _check_update_inputs(weight: torch.Tensor, inputs: torch.Tensor, lr: float) 
 
 
 def _check_lr(lr: float) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, int | float):
-        raise TypeError(f"the self-modification lr must be a number, got {type(lr).__name__} ({lr!r})")
+    check_numbers(lr=lr)
     if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"the self-modification lr must be finite and >= 0, got {lr}")
 

@@ -63,10 +63,9 @@ class ContinuumConfig:
         _choice("variant", self.variant, VARIANTS)
         check_positive_ints(**{name: getattr(self, name) for name in
                                ("update_freq", "meta_update_freq", "unroll_steps", "proxy_window", "proxy_warmup")})
-        check_numbers(**{name: getattr(self, name) for name in
-                          ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr", "min_lr_mult",
-                           "max_lr_mult", "weight_decay")})
-        for name in ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr"):
+        positive = ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr")
+        check_numbers(**{name: getattr(self, name) for name in (*positive, "min_lr_mult", "max_lr_mult", "weight_decay")})
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.min_lr_mult < self.max_lr_mult:
