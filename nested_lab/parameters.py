@@ -1,76 +1,161 @@
-"""Checks for a notebook's parameters cell, so a bad papermill override fails
-at once with a message naming the parameter and what is allowed; and
-:func:`check_positive_ints`, :func:`check_ints_at_least` and :func:`check_numbers`
-for the library's own arguments (``TypeError`` for a wrong type, ``ValueError``
-for a value out of range)."""
+"""Checks at the door: one helper for a number's type and range, one for a choice among names.
+
+Library entry points (configs, constructors, experiment functions) call :func:`check_range`
+and :func:`check_choice`; a notebook checks its parameters cell with one call,
+:func:`check_parameters`, from a spec of names, types and ranges::
+
+    check_parameters(globals(), QUICK=boolean(), SEED=integer(0), LR=number(0, low_open=True))
+
+A value of the wrong type raises ``TypeError``, a value outside its range or choices
+``ValueError``; each message names the argument (a notebook parameter as ``parameter NAME``).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"parameter {name} must be True or False, got {type(value).__name__} ({value!r})")
-    return value
+def check_range(name: str, value: object, low: float | None = None, high: float | None = None, *,
+                integer: bool = False, low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as an int (``integer=True``; numpy integers count, bools do not) or a finite real
+    number, inside ``[low, high]`` (an end is open with ``low_open`` / ``high_open``, absent when
+    None). Returns the value (a float unless ``integer``)."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        article = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {article}, got {type(value).__name__} ({value!r})")
+    finite = "" if integer else "finite and "
+    if not integer and not math.isfinite(value):
+        bounds = _interval(low, high, low_open, high_open)
+        raise ValueError(f"{name} must be {finite + bounds if bounds else 'finite'}, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ValueError(f"{name} must be {finite}{_interval(low, high, low_open, high_open)}, got {value!r}")
+    return int(value) if integer else float(value)
 
 
-def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"parameter {name} must be an int, got {type(value).__name__} ({value!r})")
-    _check_range(name, value, minimum, maximum)
-    return value
-
-
-def check_float(name: str, value: object, minimum: float | None = None, maximum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"parameter {name} must be a number, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value):
-        raise ValueError(f"parameter {name} must be finite, got {value!r}")
-    _check_range(name, value, minimum, maximum)
-    return float(value)
-
-
-def check_floats(name: str, values: object, minimum: float | None = None,
-                 maximum: float | None = None) -> list[float]:
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
-        raise TypeError(f"parameter {name} must be a non-empty list of numbers, got {values!r}")
-    return [check_float(f"{name}[{i}]", v, minimum, maximum) for i, v in enumerate(values)]
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return ""
 
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    """``value`` must be one of the names in ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"parameter {name}={value!r} is not allowed; choose one of {list(allowed)}")
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
     return value
 
 
 def check_positive_ints(**values: object) -> None:
-    """For library arguments: each value must be an int >= 1 (the message names the argument)."""
+    """Each keyword value must be an int >= 1 (:func:`check_range` with ``integer=True``)."""
     check_ints_at_least(1, **values)
 
 
 def check_ints_at_least(minimum: int, /, **values: object) -> None:
-    """For library arguments: each value must be an int (not a bool; numpy integers count) >=
-    ``minimum``; a value of another type raises ``TypeError``, one below ``minimum`` ``ValueError``."""
+    """Each keyword value must be an int >= ``minimum``."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        check_range(name, value, minimum, integer=True)
 
 
 def check_numbers(**values: object) -> None:
-    """For library arguments: each value must be a real number (an int or a float, not a bool);
-    otherwise ``TypeError`` naming the argument. Ranges are the caller's to check."""
+    """Each keyword value must be a real number (an int or a float, not a bool); the type only."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
 
 
-def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
-    if minimum is not None and value < minimum:
-        raise ValueError(f"parameter {name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"parameter {name} must be <= {maximum}, got {value!r}")
+# ----- a notebook's parameters cell ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    """What one notebook parameter may hold: ``kind`` is bool, int, float, floats or choice."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    allowed: tuple[str, ...] = ()
+
+    def check(self, name: str, value: object) -> None:
+        if self.kind == "bool":
+            check_bool(name, value)
+        elif self.kind == "choice":
+            check_choice(name, value, self.allowed)
+        elif self.kind == "floats":
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+                raise TypeError(f"{name} must be a non-empty list of numbers, got {value!r}")
+            for i, item in enumerate(value):
+                self._check_number(f"{name}[{i}]", item, integer=False)
+        else:
+            self._check_number(name, value, integer=self.kind == "int")
+
+    def _check_number(self, name: str, value: object, integer: bool) -> None:
+        check_range(name, value, self.low, self.high, integer=integer,
+                    low_open=self.low_open, high_open=self.high_open)
+
+
+def boolean() -> Spec:
+    return Spec("bool")
+
+
+def integer(low: int | None = None, high: int | None = None) -> Spec:
+    return Spec("int", low, high)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Spec:
+    return Spec("float", low, high, low_open, high_open)
+
+
+def number_list(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False) -> Spec:
+    return Spec("floats", low, high, low_open, high_open)
+
+
+def choice(*allowed: str) -> Spec:
+    return Spec("choice", allowed=allowed)
+
+
+def check_parameters(namespace: Mapping[str, object], /, **spec: Spec) -> None:
+    """Check a notebook's parameters: ``namespace`` (the notebook's ``globals()``) must hold each
+    name of ``spec`` with a value the spec allows; an error names it as ``parameter NAME``."""
+    for name, rule in spec.items():
+        if name not in namespace:
+            raise NameError(f"parameter {name} is not defined in the parameters cell")
+        rule.check(f"parameter {name}", namespace[name])
+
+
+# One-parameter forms of the same checks (a notebook may check a derived value with them).
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{_parameter(name)} must be True or False, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    return check_range(_parameter(name), value, minimum, maximum, integer=True)
+
+
+def check_float(name: str, value: object, minimum: float | None = None, maximum: float | None = None) -> float:
+    return check_range(_parameter(name), value, minimum, maximum)
+
+
+def check_floats(name: str, values: object, minimum: float | None = None,
+                 maximum: float | None = None) -> list[float]:
+    number_list(minimum, maximum).check(_parameter(name), values)
+    return [float(v) for v in values]
+
+
+def _parameter(name: str) -> str:
+    return name if name.startswith("parameter ") else f"parameter {name}"

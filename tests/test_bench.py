@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nested_lab import bench, runtime
+from nested_lab import runtime
+from nested_lab.experiments import bench
 
 
 def test_interleaved_rounds_take_turns_and_count_calls():

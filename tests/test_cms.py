@@ -15,13 +15,13 @@ from torch.func import functional_call
 
 from nested_lab import runtime
 from nested_lab.data.drift import drift_stream, mode_at
+from nested_lab.experiments.cms_stream import compare, run_stream, summarize
 from nested_lab.memory.cms import (
     ContinuumMemory,
     ContinuumMemoryTrainer,
     printed_schedule,
     update_schedule,
 )
-from nested_lab.memory.cms_stream import compare, run_stream, summarize
 
 
 def _train(chunk_sizes, steps, trainer="correct", seed=0, dtype=torch.float32, lr=0.1, momentum=0.0):
@@ -271,13 +271,13 @@ def test_stream_refuses_bad_arguments():
         drift_stream(10, 4, gen, switch_every=0)
     with pytest.raises(TypeError, match="modes must be an int"):
         drift_stream(10, 4, gen, modes=2.5)
-    with pytest.raises(ValueError, match="noise must be >= 0"):
+    with pytest.raises(ValueError, match="noise must be finite and >= 0"):
         drift_stream(10, 4, gen, noise=-0.1)
     with pytest.raises(ValueError, match="drift must be finite"):
         drift_stream(10, 4, gen, drift=math.inf)
     with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
         drift_stream(10, 4, 0)
-    with pytest.raises(ValueError, match="lr must be >= 0"):
+    with pytest.raises(ValueError, match="lr must be finite and >= 0"):
         run_stream((1,), 0, steps=5, lr=-1.0)
     with pytest.raises(ValueError, match="arms must name at least one"):
         compare(arms={}, show_progress=False)

@@ -10,7 +10,7 @@ from torch.func import jacrev
 
 from nested_lab import runtime
 from nested_lab.data.corpus import CharCorpus
-from nested_lab.models import cortex_analysis as audit
+from nested_lab.experiments import cortex_analysis as audit
 from nested_lab.models.cortex import CortexConfig, CortexGPT
 from nested_lab.train.guards import same_state
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from nested_lab.experiments import cortex_experiments as experiments
 from nested_lab.models.cortex import CortexConfig
 from nested_lab.optim.clipping import AdaptiveClipper
 from nested_lab.train import cortex as cortex_train
-from nested_lab.train import cortex_experiments as experiments
 from nested_lab.train import metrics
 from nested_lab.train.ema import WeightEMA
 from nested_lab.train.guards import SpikeGuard, same_state

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nested_lab import runtime
+from nested_lab.experiments import dmgd_analysis as analysis
 from nested_lab.optim import dmgd, meta
-from nested_lab.optim import dmgd_analysis as analysis
 
 LR, BETA = 0.1, 0.9
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nested_lab.experiments import lr_control
 from nested_lab.optim import ContinuumConfig
 from nested_lab.optim.ensemble import ContinuumEnsemble
-from nested_lab.train import lr_control
 
 TASK = lr_control.CharTask(embed=8, hidden=32, batch_size=16)
 

@@ -5,7 +5,7 @@ import math
 import torch
 
 from nested_lab import runtime
-from nested_lab.models.init import uniform_linear, xavier_linear
+from nested_lab.init import uniform_linear, xavier_linear
 
 
 def test_layers_draw_only_from_their_generator():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nested_lab import kernel_bench
+from nested_lab.experiments import kernel_bench
 
 
 @pytest.mark.parametrize("make", [kernel_bench.delta_rule_candidates, kernel_bench.titans_candidates])

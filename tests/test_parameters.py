@@ -89,12 +89,12 @@ def test_check_float_rejects_non_finite(value):
 
 
 def test_check_float_below_minimum_raises():
-    with pytest.raises(ValueError, match=r"parameter LR must be >= 0\.0, got -0\.1"):
+    with pytest.raises(ValueError, match=r"parameter LR must be finite and >= 0\.0, got -0\.1"):
         check_float("LR", -0.1, minimum=0.0)
 
 
 def test_check_float_above_maximum_raises():
-    with pytest.raises(ValueError, match=r"parameter LR must be <= 2\.0, got 2\.5"):
+    with pytest.raises(ValueError, match=r"parameter LR must be finite and <= 2\.0, got 2\.5"):
         check_float("LR", 2.5, maximum=2.0)
 
 
@@ -125,9 +125,9 @@ def test_check_floats_non_finite_item_names_the_index():
 
 
 def test_check_floats_out_of_range_item_names_the_index():
-    with pytest.raises(ValueError, match=r"parameter LRS\[0\] must be >= 0"):
+    with pytest.raises(ValueError, match=r"parameter LRS\[0\] must be finite and >= 0"):
         check_floats("LRS", [-1.0, 0.5], minimum=0)
-    with pytest.raises(ValueError, match=r"parameter LRS\[1\] must be <= 1"):
+    with pytest.raises(ValueError, match=r"parameter LRS\[1\] must be finite and <= 1"):
         check_floats("LRS", [0.5, 1.5], maximum=1)
 
 
@@ -145,7 +145,7 @@ def test_check_choice_accepts_tuple_of_allowed():
 
 @pytest.mark.parametrize("value", ["rmsprop", "SGD", "", None, 3])
 def test_check_choice_rejects_not_allowed(value):
-    with pytest.raises(ValueError, match=r"parameter OPTIMIZER=.* is not allowed; choose one of \['sgd', 'adam'\]"):
+    with pytest.raises(ValueError, match=r"unknown OPTIMIZER .*; allowed: sgd, adam"):
         check_choice("OPTIMIZER", value, ["sgd", "adam"])
 
 
@@ -175,8 +175,10 @@ def test_check_ints_at_least_and_check_numbers():
 def _library_calls_with_an_int_argument(value):
     """(argument, call) for every library entry point that takes a count or a size, with ``value``
     as that argument."""
-    from nested_lab import bench, quadratic, runtime
+    from nested_lab import runtime
     from nested_lab.data.corpus import CharCorpus, stdlib_text
+    from nested_lab.experiments import bench, lr_control
+    from nested_lab.experiments import reading_this_book as quadratic
     from nested_lab.memory.consolidation import Consolidator
     from nested_lab.memory.ltm import LongTermMemory
     from nested_lab.memory.stm import ShortTermMemory
@@ -185,7 +187,7 @@ def _library_calls_with_an_int_argument(value):
     from nested_lab.optim.clipping import AdaptiveClipper
     from nested_lab.optim.meta_losses import ProxyMetaLoss
     from nested_lab.optim.saturation import controller_saturation
-    from nested_lab.train import lr_control, metrics
+    from nested_lab.train import metrics
     from nested_lab.train.guards import SpikeGuard
     from nested_lab.viz.dashboard import LiveDashboard
     from nested_lab.viz.style import colors
@@ -238,3 +240,47 @@ def test_numpy_integers_count_as_ints():
     check_positive_ints(n=np.int64(3))
     with pytest.raises(ValueError, match="n must be >= 1"):
         check_positive_ints(n=np.int64(0))
+
+
+# ----- check_range and check_parameters -----------------------------------------------------------
+
+
+from nested_lab.parameters import boolean, check_parameters, check_range, choice, integer, number, number_list  # noqa: E402
+
+
+@pytest.mark.parametrize(("kwargs", "value", "message"), [
+    ({"low": 0, "low_open": True}, 0.0, r"x must be finite and > 0, got 0\.0"),
+    ({"low": 0, "high": 1, "high_open": True}, 1.0, r"x must be finite and in \[0, 1\), got 1\.0"),
+    ({"low": 0, "high": 1, "low_open": True}, 0, r"x must be finite and in \(0, 1\], got 0"),
+    ({"high": 2}, float("nan"), r"x must be finite and <= 2, got nan"),
+    ({}, float("inf"), r"x must be finite, got inf"),
+    ({"low": 1, "integer": True}, 0, r"x must be >= 1, got 0"),
+])
+def test_check_range_names_the_interval(kwargs, value, message):
+    with pytest.raises(ValueError, match=message):
+        check_range("x", value, **kwargs)
+
+
+def test_check_range_types():
+    assert check_range("x", np.int64(3), 1, integer=True) == 3
+    assert check_range("x", 2, 0) == 2.0
+    with pytest.raises(TypeError, match="x must be an int, got float"):
+        check_range("x", 2.0, integer=True)
+    with pytest.raises(TypeError, match="x must be a number, got bool"):
+        check_range("x", True)
+
+
+def test_check_parameters_checks_every_named_parameter():
+    spec = {"QUICK": boolean(), "SEED": integer(0), "LR": number(0, low_open=True),
+            "LRS": number_list(0, 1), "OPTIMIZER": choice("sgd", "adam")}
+    values = {"QUICK": True, "SEED": 0, "LR": 0.1, "LRS": [0.5], "OPTIMIZER": "sgd"}
+    check_parameters(values, **spec)
+    for name, bad, error, message in [("QUICK", 1, TypeError, "parameter QUICK must be True or False"),
+                                      ("SEED", -1, ValueError, "parameter SEED must be >= 0, got -1"),
+                                      ("LR", 0.0, ValueError, "parameter LR must be finite and > 0"),
+                                      ("LRS", [2.0], ValueError, r"parameter LRS\[0\] must be finite and in"),
+                                      ("OPTIMIZER", "x", ValueError, "unknown parameter OPTIMIZER 'x'")]:
+        with pytest.raises(error, match=message):
+            check_parameters({**values, name: bad}, **spec)
+    with pytest.raises(NameError, match="parameter STEPS is not defined"):
+        check_parameters(values, STEPS=integer(1))

@@ -1,4 +1,4 @@
-"""Unit tests for nested_lab.quadratic: gradient descent on quadratics and its stability boundary."""
+"""Unit tests for nested_lab.experiments.reading_this_book: gradient descent on quadratics and its stability boundary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nested_lab import quadratic
+from nested_lab.experiments import reading_this_book as quadratic
 from nested_lab.runtime import generator
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nested_lab import runtime
-from nested_lab.memory.recall import (
+from nested_lab.experiments.recall import (
     CURVE_COLUMNS,
     capacity_curve,
     random_pairs,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nested_lab import runtime
-from nested_lab.models import self_modifying_analysis as analysis
+from nested_lab.experiments import self_modifying_analysis as analysis
 from nested_lab.models.self_modifying import SelfModifyingLinear
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from nested_lab import runtime
-from nested_lab.models.init import uniform_linear
+from nested_lab.init import uniform_linear
 from nested_lab.parameters import check_positive_ints
 
 TRAINERS = ("original", "correct")

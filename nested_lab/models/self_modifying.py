@@ -41,66 +41,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from nested_lab.memory.delta_rule import delta_rule_chunked
+from nested_lab.memory.self_modifying_rule import (
+    NORM_EPS,
+    WEIGHT_LIMIT,
+    check_lr,
+    self_modifying_update,
+    update_term,
+)
 from nested_lab.memory.titans import init_memory, titans_chunked
 from nested_lab.parameters import check_numbers, check_positive_ints
 
 UPDATES = ("in_forward", "deferred")
 RNNS = ("gru", "lstm")
-WEIGHT_LIMIT = 10.0
-NORM_EPS = {"in_forward": 1e-6, "deferred": 1e-8}  # each original version's threshold and denominator guard
-
-
-def self_modifying_update(weight: torch.Tensor, inputs: torch.Tensor, lr: float,
-                          normalized: bool = True, eps: float = NORM_EPS["deferred"]) -> torch.Tensor:
-    """The seed rule: the new weight ``clamp(W - lr (W x_bar) x_bar^T / (|x_bar|^2 + eps), -10, 10)``.
-
-    ``weight`` ``[out, in]``; ``inputs`` ``[..., in]``, averaged over every row into ``x_bar``.
-    ``normalized=False`` leaves out the division by ``|x_bar|^2 + eps``. When
-    ``|x_bar|^2 <= eps`` the weight is returned unchanged (no clamp either), as in the original.
-    """
-    term = _update_term(weight, inputs, lr, normalized, eps)
-    if term is None:
-        return weight.clone()
-    return (weight - term).clamp(-WEIGHT_LIMIT, WEIGHT_LIMIT)
-
-
-def _update_term(weight: torch.Tensor, inputs: torch.Tensor, lr: float, normalized: bool,
-                 eps: float) -> torch.Tensor | None:
-    """``lr (W x_bar) x_bar^T [/ (|x_bar|^2 + eps)]``, or None when ``|x_bar|^2 <= eps``."""
-    _check_update_inputs(weight, inputs, lr)
-    check_numbers(eps=eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
-    with torch.no_grad():
-        x_bar = inputs.detach().reshape(-1, weight.shape[1]).mean(dim=0)
-        norm_sq = x_bar @ x_bar
-        if norm_sq <= eps:
-            return None
-        term = lr * torch.outer(weight.detach() @ x_bar, x_bar)
-        return term / (norm_sq + eps) if normalized else term
-
-
-def _check_update_inputs(weight: torch.Tensor, inputs: torch.Tensor, lr: float) -> None:
-    if not isinstance(weight, torch.Tensor) or not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"weight and inputs must be tensors, got {type(weight).__name__} and "
-                        f"{type(inputs).__name__}")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must have shape [out, in], got {tuple(weight.shape)}")
-    if inputs.ndim < 1 or inputs.shape[-1] != weight.shape[1] or inputs.numel() == 0:
-        raise ValueError(f"inputs must be a non-empty tensor of shape [..., {weight.shape[1]}], "
-                         f"got {tuple(inputs.shape)}")
-    if not weight.is_floating_point() or inputs.dtype != weight.dtype or inputs.device != weight.device:
-        raise TypeError(f"weight and inputs must share a floating dtype and a device, got {weight.dtype} on "
-                        f"{weight.device} and {inputs.dtype} on {inputs.device}")
-    _check_lr(lr)
-
-
-def _check_lr(lr: float) -> None:
-    check_numbers(lr=lr)
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"the self-modification lr must be finite and >= 0, got {lr}")
-
-
+__all__ = ["NORM_EPS", "WEIGHT_LIMIT", "self_modifying_update"]  # the rule, re-exported beside its layers
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -129,7 +82,7 @@ class SelfModifyingLinear(nn.Module):
                  update: str = "in_forward", normalized: bool = True) -> None:
         super().__init__()
         check_positive_ints(in_features=in_features, out_features=out_features)
-        _check_lr(self_mod_lr)
+        check_lr(self_mod_lr)
         _check_choice("update", update, UPDATES)
         if not isinstance(bias, bool) or not isinstance(normalized, bool):
             raise TypeError(f"bias and normalized must be True or False, got {bias!r} and {normalized!r}")
@@ -154,7 +107,7 @@ class SelfModifyingLinear(nn.Module):
     def _self_modify(self, x: torch.Tensor) -> None:
         if self.update == "in_forward" and not self.training:
             return
-        term = _update_term(self.weight, x, self.self_mod_lr, self.normalized, NORM_EPS[self.update])
+        term = update_term(self.weight, x, self.self_mod_lr, self.normalized, NORM_EPS[self.update])
         if term is None:
             return
         if self.update == "deferred":

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from nested_lab import runtime
-from nested_lab.models.init import xavier_linear
+from nested_lab.init import xavier_linear
 from nested_lab.parameters import check_numbers, check_positive_ints
 
 META_GRADIENTS = ("original", "unrolled")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nested_lab import runtime
-from nested_lab.models.init import uniform_linear
+from nested_lab.init import uniform_linear
 from nested_lab.optim import dmgd
 from nested_lab.parameters import check_numbers, check_positive_ints
 

@@ -19,7 +19,7 @@ loss, and loss-spike rollback (:mod:`nested_lab.train.guards`).
 number of optimizer steps and returns a :class:`CortexRun` with one record per
 batch. Records stream into a :class:`~nested_lab.train.metrics.MetricStream`,
 so a live dashboard can watch a run. The experiments of the chapters (many
-seeds, tables, timings) are in :mod:`nested_lab.train.cortex_experiments`.
+seeds, tables, timings) are in :mod:`nested_lab.experiments.cortex_experiments`.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from nested_lab import runtime
 from nested_lab.memory.delta_rule import delta_rule_recurrent
+from nested_lab.memory.self_modifying_rule import self_modifying_update
 from nested_lab.memory.titans import init_memory, memory_forward, titans_chunked
-from nested_lab.models.self_modifying import self_modifying_update
 from nested_lab.parameters import check_positive_ints
 
 RULE_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from nested_lab import bench, runtime
+from nested_lab import runtime
+from nested_lab.experiments import bench
 from nested_lab.models.cortex import PHASE1_FIXES, SOLUTION_FIXES, CortexConfig
 from nested_lab.train.cortex import CortexRun, CortexTrainer, Fault, train
 
@@ -69,7 +70,7 @@ def fix_grid(base: CortexConfig) -> dict[str, tuple[str, CortexConfig]]:
 def step_time_ratios(configs: dict[str, CortexConfig], reference: str, seed: int = 0, rounds: int = 5,
                      calls: int = 2, warmup: int = 2) -> dict[str, float]:
     """Wall time per training step of each configuration over the ``reference`` one, measured
-    side by side (:func:`nested_lab.bench.interleaved_rounds`): the median of the per-round ratios."""
+    side by side (:func:`nested_lab.experiments.bench.interleaved_rounds`): the median of the per-round ratios."""
     if reference not in configs:
         raise ValueError(f"reference {reference!r} is not one of the configurations")
     trainers = {name: CortexTrainer(config, seed, steps=rounds * calls + warmup + 4) for name, config in configs.items()}

@@ -2,7 +2,7 @@
 
 For each sequence length the candidates of one kernel -- the per-token recurrence and the
 chunked forms -- run on the same random inputs, taking turns round after round
-(:func:`nested_lab.bench.interleaved_timings`), and every chunked output is compared with the
+(:func:`nested_lab.experiments.bench.interleaved_timings`), and every chunked output is compared with the
 reference's. :func:`scaling` returns one row per (length, candidate): best seconds per call,
 the speed-up over the reference measured in the same run, and the largest absolute difference.
 :func:`delta_rule_matmul_fraction` reads the chunked delta rule's speed as a fraction of the
@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from nested_lab import bench, runtime
+from nested_lab import runtime
+from nested_lab.experiments import bench
 from nested_lab.memory.delta_rule import delta_rule_chunked, delta_rule_recurrent
 from nested_lab.memory.titans import GRADIENTS_AT, init_memory, titans_chunked, titans_sequential
 
