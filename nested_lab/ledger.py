@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from nested_lab import runtime
+from nested_lab.parameters import check_choice
 
 LEDGER_ENV = "NESTED_LAB_LEDGER_DIR"
 VERDICTS = ("confirmed", "refuted", "partly", "reproduced", "not-reproduced")
@@ -160,8 +161,7 @@ class Ledger:
             raise ValueError(f"record id must be lower-case words joined by '.', '-' or '_', got {id!r}")
         if any(r.id == id for r in self.records):
             raise ValueError(f"record id {id!r} is already used in chapter {self.chapter!r}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown record kind {kind!r}; allowed: {sorted(KINDS)}")
+        check_choice("record kind", kind, sorted(KINDS))
         expectation = Expectation.parse(expected)
         values = _as_values(measured)
         verdict = _verdict([expectation.holds(v) for v in values], KINDS[kind])
@@ -179,8 +179,7 @@ class Ledger:
                 *, verdict: str, **kwargs) -> Record:
         """:meth:`record`, then raise :class:`FindingNotHeld` unless the computed
         verdict is ``verdict``, the one the prose around the call states."""
-        if verdict not in VERDICTS:
-            raise ValueError(f"unknown verdict {verdict!r}; allowed: {VERDICTS}")
+        check_choice("verdict", verdict, VERDICTS)
         record = self.record(id, claim, measured, expected, **kwargs)
         if record.verdict != verdict:
             raise FindingNotHeld(

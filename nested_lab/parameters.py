@@ -77,7 +77,7 @@ def check_numbers(**values: object) -> None:
 
 @dataclass(frozen=True)
 class Spec:
-    """What one notebook parameter may hold: ``kind`` is bool, int, float, floats or choice."""
+    """What one notebook parameter may hold: ``kind`` is bool, int, float, ints, floats or choice."""
 
     kind: str
     low: float | None = None
@@ -91,11 +91,11 @@ class Spec:
             check_bool(name, value)
         elif self.kind == "choice":
             check_choice(name, value, self.allowed)
-        elif self.kind == "floats":
+        elif self.kind in ("ints", "floats"):
             if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
                 raise TypeError(f"{name} must be a non-empty list of numbers, got {value!r}")
             for i, item in enumerate(value):
-                self._check_number(f"{name}[{i}]", item, integer=False)
+                self._check_number(f"{name}[{i}]", item, integer=self.kind == "ints")
         else:
             self._check_number(name, value, integer=self.kind == "int")
 
@@ -115,6 +115,10 @@ def integer(low: int | None = None, high: int | None = None) -> Spec:
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
            high_open: bool = False) -> Spec:
     return Spec("float", low, high, low_open, high_open)
+
+
+def integer_list(low: int | None = None, high: int | None = None) -> Spec:
+    return Spec("ints", low, high)
 
 
 def number_list(low: float | None = None, high: float | None = None, *, low_open: bool = False,

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from nested_lab.parameters import check_range
+
 DEVICE_ENV = "NESTED_LAB_DEVICE"
 QUICK_ENV = "NESTED_LAB_QUICK"
 HEADLESS_ENV = "NESTED_LAB_HEADLESS"
@@ -61,10 +63,7 @@ def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
 def threads(count: int) -> Iterator[None]:
     """Run a block with torch using ``count`` CPU threads, restoring the previous count afterwards.
     Small models train faster on one thread: the pool's synchronisation costs more than it gives."""
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise TypeError(f"thread count must be an int, got {type(count).__name__} ({count!r})")
-    if count < 1:
-        raise ValueError(f"thread count must be >= 1, got {count}")
+    count = check_range("thread count", count, 1, integer=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -74,10 +73,7 @@ def threads(count: int) -> Iterator[None]:
 
 
 def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_range("seed", seed, 0, integer=True)
 
 
 def available_devices() -> list[str]:

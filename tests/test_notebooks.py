@@ -44,3 +44,23 @@ def test_notebook_reproduces_its_checked_outputs(notebook, quick_book, tmp_path)
     env = headless_env(tmp_path / "ledger", PYTHONPATH=str(ROOT / "tests"))
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+LONGEST_CELL = 15  # code lines; longer logic belongs in the chapter's experiments module
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_the_argument_lives_in_markdown(notebook):
+    """Code cells are short and never write prose: numbers reach the text through glue."""
+    code = [c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    long_cells = [len(source.splitlines()) for source in code if len(source.splitlines()) > LONGEST_CELL]
+    assert not long_cells, f"{notebook.name}: code cells of {long_cells} lines (at most {LONGEST_CELL})"
+    assert not any("display(Markdown(" in source for source in code), f"{notebook.name} writes prose in code"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_parameters_are_checked_in_one_hidden_call(notebook):
+    code = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    checks = [c for c in code if "check_parameters(" in c.source]
+    assert len(checks) == 1, f"{notebook.name}: {len(checks)} check_parameters calls (expected 1)"
+    assert "hide-input" in checks[0].metadata.get("tags", [])

@@ -177,8 +177,10 @@ def _library_calls_with_an_int_argument(value):
     as that argument."""
     from nested_lab import runtime
     from nested_lab.data.corpus import CharCorpus, stdlib_text
-    from nested_lab.experiments import bench, lr_control
+    from nested_lab.experiments import bench
+    from nested_lab.experiments import meta_loss_collapse as lr_control
     from nested_lab.experiments import reading_this_book as quadratic
+    from nested_lab.experiments.meta_loss_collapse import controller_saturation
     from nested_lab.memory.consolidation import Consolidator
     from nested_lab.memory.ltm import LongTermMemory
     from nested_lab.memory.stm import ShortTermMemory
@@ -186,7 +188,6 @@ def _library_calls_with_an_int_argument(value):
     from nested_lab.optim import ContinuumConfig
     from nested_lab.optim.clipping import AdaptiveClipper
     from nested_lab.optim.meta_losses import ProxyMetaLoss
-    from nested_lab.optim.saturation import controller_saturation
     from nested_lab.train import metrics
     from nested_lab.train.guards import SpikeGuard
     from nested_lab.viz.dashboard import LiveDashboard
@@ -245,7 +246,16 @@ def test_numpy_integers_count_as_ints():
 # ----- check_range and check_parameters -----------------------------------------------------------
 
 
-from nested_lab.parameters import boolean, check_parameters, check_range, choice, integer, number, number_list  # noqa: E402
+from nested_lab.parameters import (  # noqa: E402
+    boolean,
+    check_parameters,
+    check_range,
+    choice,
+    integer,
+    integer_list,
+    number,
+    number_list,
+)
 
 
 @pytest.mark.parametrize(("kwargs", "value", "message"), [
@@ -272,13 +282,14 @@ def test_check_range_types():
 
 def test_check_parameters_checks_every_named_parameter():
     spec = {"QUICK": boolean(), "SEED": integer(0), "LR": number(0, low_open=True),
-            "LRS": number_list(0, 1), "OPTIMIZER": choice("sgd", "adam")}
-    values = {"QUICK": True, "SEED": 0, "LR": 0.1, "LRS": [0.5], "OPTIMIZER": "sgd"}
+            "LRS": number_list(0, 1), "KS": integer_list(1), "OPTIMIZER": choice("sgd", "adam")}
+    values = {"QUICK": True, "SEED": 0, "LR": 0.1, "LRS": [0.5], "KS": [1, 5], "OPTIMIZER": "sgd"}
     check_parameters(values, **spec)
     for name, bad, error, message in [("QUICK", 1, TypeError, "parameter QUICK must be True or False"),
                                       ("SEED", -1, ValueError, "parameter SEED must be >= 0, got -1"),
                                       ("LR", 0.0, ValueError, "parameter LR must be finite and > 0"),
                                       ("LRS", [2.0], ValueError, r"parameter LRS\[0\] must be finite and in"),
+                                      ("KS", [1, 2.0], TypeError, r"parameter KS\[1\] must be an int"),
                                       ("OPTIMIZER", "x", ValueError, "unknown parameter OPTIMIZER 'x'")]:
         with pytest.raises(error, match=message):
             check_parameters({**values, name: bad}, **spec)
