@@ -136,10 +136,6 @@ def test_stm_bad_inputs():
         ShortTermMemory(D, decay_rate=1.5)
     with pytest.raises(ValueError, match="unknown storage"):
         ShortTermMemory(D, storage="cell")
-    with pytest.raises(ValueError, match=r"\[batch, time, 8\]"):
-        _stm().read(_rand(3, D))
-    with pytest.raises(ValueError, match="written before"):
-        _stm().read(_rand(1, 3, D)).at(2, [])
 
 
 # --- long-term memory ------------------------------------------------------------------------
@@ -172,7 +168,7 @@ def test_ltm_empty_reads_zeros_and_only_decompressor_learns():
     assert all(p.grad is not None for p in ltm.decompressor.parameters())
 
 
-def test_ltm_state_roundtrip_and_bad_shapes():
+def test_ltm_state_roundtrip():
     with runtime.seeded(0):
         ltm = LongTermMemory(16, code_dim=4)
     ltm.write(_rand(7, 16), _rand(7, 4))
@@ -180,10 +176,6 @@ def test_ltm_state_roundtrip_and_bad_shapes():
     ltm.write(_rand(3, 16), _rand(3, 4))
     ltm.load_state(saved)
     assert ltm.size == 7 and torch.equal(ltm.codes(), saved[0])
-    with pytest.raises(ValueError, match="values must have shape"):
-        ltm.write(_rand(2, 16), _rand(3, 4))
-    with pytest.raises(ValueError, match="query must have shape"):
-        ltm.read(_rand(2, 15))
 
 
 # --- gates -----------------------------------------------------------------------------------
@@ -251,13 +243,6 @@ def test_gumbel_does_not_touch_the_global_generator():
     select_tokens(_rand(2, 50), 0.1, "gumbel_topk", True, 0.1, runtime.generator(0), torch.ones(2, 1))
     select_tokens(_rand(2, 50), 0.1, "gumbel_dim0", True, 0.5, runtime.generator(0))
     assert torch.equal(torch.rand(1), expected)
-
-
-def test_selection_bad_inputs():
-    with pytest.raises(ValueError, match="unknown selection"):
-        select_tokens(_rand(2, 10), 0.1, "top1", True, 0.1, runtime.generator(0))
-    with pytest.raises(ValueError, match="fraction"):
-        select_tokens(_rand(2, 10), 0.0, "hard_topk", True, 0.1, runtime.generator(0))
 
 
 # --- consolidation ---------------------------------------------------------------------------

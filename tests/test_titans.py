@@ -1,5 +1,5 @@
 """Titans' neural memory: the MLP, its per-token gradients, the sequential reference and the
-chunk-parallel form (equalities, the delta-rule special case, gradients, validation)."""
+chunk-parallel form (equalities, the delta-rule special case, gradients, option checks)."""
 
 from __future__ import annotations
 
@@ -67,10 +67,6 @@ def test_memory_forward_is_the_mlp_and_takes_per_sequence_weights():
     out = memory_forward(batched, torch.stack([x, x]))
     assert out.shape == (2, 5, 3)
     assert torch.allclose(out[1], F.silu(x @ (2 * params["weight_0"])) @ (2 * params["weight_1"]))
-    with pytest.raises(ValueError, match="x must have shape"):
-        memory_forward(params, torch.randn(5, 3))
-    with pytest.raises(ValueError, match="x must have shape"):
-        memory_forward(batched, torch.randn(3, 5, 4))
 
 
 def test_token_gradients_match_autograd_and_the_outer_product_factors():
@@ -211,26 +207,14 @@ def _bad(**changes):
 
 
 @pytest.mark.parametrize(("changes", "error", "message"), [
-    ({"keys": torch.randn(2, 6)}, ValueError, "keys must have shape"),
-    ({"values": torch.randn(2, 6, 4, dtype=torch.float64)}, ValueError, "values must have shape"),
-    ({"queries": torch.randn(2, 5, 6, dtype=torch.float64)}, ValueError, "queries must have shape"),
-    ({"values": torch.randn(2, 6, 5)}, TypeError, "share a floating dtype"),
     ({"eta": 1.5}, ValueError, r"eta must be finite and in \[0, 1\]"),
     ({"alpha": -0.1}, ValueError, "alpha must be finite"),
     ({"theta": -1.0}, ValueError, "theta must be finite and >= 0"),
     ({"theta": float("nan")}, ValueError, "theta must be finite"),
-    ({"eta": torch.full((2, 6), 2.0, dtype=torch.float64)}, ValueError, "every eta must be"),
-    ({"eta": torch.full((2, 5), 0.5, dtype=torch.float64)}, ValueError, r"shape \[2, 6\]"),
-    ({"alpha": torch.full((2, 6), 0.5)}, TypeError, "alpha must be torch.float64"),
-    ({"theta": "0.1"}, TypeError, "theta must be a float or a tensor"),
-    ({"params": {"weight_0": torch.zeros(6, 5)}}, TypeError, "memory weight weight_0 is torch.float32"),
-    ({"params": {"w": torch.zeros(6, 5, dtype=torch.float64)}}, ValueError, "params must be named weight_0"),
-    ({"params": {"weight_0": torch.zeros(6, 4, dtype=torch.float64),
-                 "weight_1": torch.zeros(3, 5, dtype=torch.float64)}}, ValueError, "weight_1 takes 3 inputs"),
-    ({"params": {"weight_0": torch.zeros(3, 6, 5, dtype=torch.float64)}}, ValueError, "per sequence"),
-    ({"params": {}}, TypeError, "non-empty dict"),
+    ({"theta": "0.1"}, TypeError, "theta must be a number"),
 ])
-def test_bad_inputs_raise_with_a_clear_message(changes, error, message):
+def test_bad_number_gates_raise_with_a_clear_message(changes, error, message):
+    """Gates given as numbers are checked; tensors (shapes, dtypes, gate values) are trusted."""
     args = _bad(**changes)
     params = args.pop("params")
     for run in (titans_sequential, titans_chunked):

@@ -33,7 +33,7 @@ from torch import nn
 
 from nested_lab.memory.ltm import LongTermMemory
 from nested_lab.memory.stm import ShortTermMemory
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 CONSOLIDATIONS = ("random", "interval", "gradual", "shipped_sync", "shipped_async")
 
@@ -44,11 +44,8 @@ class Consolidator(nn.Module):
     def __init__(self, dim: int, code_dim: int, kind: str = "random", probability: float = 0.1,
                  interval: int = 10, threshold: int = 3) -> None:
         super().__init__()
-        if kind not in CONSOLIDATIONS:
-            raise ValueError(f"unknown consolidation {kind!r}; allowed: {', '.join(CONSOLIDATIONS)}")
-        check_numbers(probability=probability)
-        if not 0 <= probability <= 1:
-            raise ValueError(f"consolidation probability must be in [0, 1], got {probability}")
+        check_choice("consolidation", kind, CONSOLIDATIONS)
+        check_range("probability", probability, 0, 1)
         check_positive_ints(interval=interval, threshold=threshold)
         self.kind, self.probability, self.interval, self.threshold = kind, probability, interval, threshold
         self.network = nn.Sequential(nn.Linear(2 * dim, code_dim), nn.ReLU(), nn.Linear(code_dim, code_dim))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nested_lab.parameters import check_choice, check_range
+
 GATES = ("softmax", "temperature_softmax", "temperature_sigmoid")
 
 
@@ -27,10 +29,8 @@ class MemoryGate(nn.Module):
 
     def __init__(self, dim: int, kind: str = "softmax", temperature: float = 1.0) -> None:
         super().__init__()
-        if kind not in GATES:
-            raise ValueError(f"unknown gate {kind!r}; allowed: {', '.join(GATES)}")
-        if not temperature > 0:
-            raise ValueError(f"gate temperature must be > 0, got {temperature}")
+        check_choice("gate", kind, GATES)
+        check_range("temperature", temperature, 0, low_open=True)
         self.kind = kind
         self.proj = nn.Linear(3 * dim, 3)
         if kind == "temperature_softmax":

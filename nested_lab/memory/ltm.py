@@ -63,10 +63,6 @@ class LongTermMemory(nn.Module):
     @torch.no_grad()
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add ``keys`` ``[N, d]`` (compressed into the index) with ``values`` ``[N, code_dim]``."""
-        if keys.ndim != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"keys must have shape [N, {self.dim}], got {tuple(keys.shape)}")
-        if values.shape != (len(keys), self.code_dim):
-            raise ValueError(f"values must have shape [{len(keys)}, {self.code_dim}], got {tuple(values.shape)}")
         if not len(keys):
             return
         self.index.add(_to_numpy(self.compressor(keys)))
@@ -75,8 +71,6 @@ class LongTermMemory(nn.Module):
     def read(self, query: torch.Tensor) -> torch.Tensor:
         """``[N, d]`` -> ``[N, d]``: the decompressed inverse-distance average of the
         ``top_k`` nearest stored values; zeros while the memory is empty."""
-        if query.ndim != 2 or query.shape[1] != self.dim:
-            raise ValueError(f"query must have shape [N, {self.dim}], got {tuple(query.shape)}")
         if self.size == 0:
             return torch.zeros_like(query)
         distances, ids = self.search(query)

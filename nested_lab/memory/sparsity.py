@@ -44,13 +44,10 @@ def hard_topk_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 def select_tokens(scores: torch.Tensor, fraction: float, selection: str, training: bool, tau: float,
                   generator: torch.Generator, temperature: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token weights ``[C, N]`` for column scores ``[C, N]`` (see the module docstring);
-    ``temperature`` ``[C, 1]`` is the learned Gumbel temperature of ``"gumbel_topk"``."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; allowed: {', '.join(SELECTIONS)}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction of active tokens must be in (0, 1], got {fraction}")
-    if not tau > 0:
-        raise ValueError(f"selection temperature tau must be > 0, got {tau}")
+    ``temperature`` ``[C, 1]`` is the learned Gumbel temperature of ``"gumbel_topk"``.
+
+    Runs in every forward pass and trusts its caller: ``selection`` one of :data:`SELECTIONS`,
+    ``fraction`` in ``(0, 1]``, ``tau > 0`` (checked once by ``CortexConfig``)."""
     if selection == "hard_topk" or not training:
         return hard_topk_mask(scores, fraction)
     if selection == "gumbel_dim0":

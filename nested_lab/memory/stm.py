@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 ACCESS_COUNTS = ("flat_index", "entry")
 STORAGES = ("batch", "row")
@@ -64,9 +64,7 @@ class SequenceRead:
 
     def at(self, t: int, written: list[torch.Tensor]) -> torch.Tensor:
         """The read-out ``[B, d]`` at timestep ``t``, given the (detached) values ``[B', d]``
-        written at timesteps ``0..t-1``."""
-        if len(written) != t:
-            raise ValueError(f"read at timestep {t} needs the {t} values written before it, got {len(written)}")
+        written at timesteps ``0..t-1`` (one per timestep, the caller's loop keeps them)."""
         if t == 0:
             return self._past[0]
         rows = torch.cat(written)
@@ -93,12 +91,10 @@ class ShortTermMemory(nn.Module):
                  decay_rate: float | None = None, storage: str = "batch") -> None:
         super().__init__()
         check_positive_ints(dim=dim, capacity=capacity)
-        if access_count not in ACCESS_COUNTS:
-            raise ValueError(f"unknown access_count {access_count!r}; allowed: {', '.join(ACCESS_COUNTS)}")
-        if storage not in STORAGES:
-            raise ValueError(f"unknown storage {storage!r}; allowed: {', '.join(STORAGES)}")
-        if decay_rate is not None and not 0 < decay_rate <= 1:
-            raise ValueError(f"decay_rate must be None or in (0, 1], got {decay_rate}")
+        check_choice("access_count", access_count, ACCESS_COUNTS)
+        check_choice("storage", storage, STORAGES)
+        if decay_rate is not None:
+            check_range("decay_rate", decay_rate, 0, 1, low_open=True)
         self.dim, self.capacity, self.storage = dim, capacity, storage
         self.access_count, self.decay_rate = access_count, decay_rate
         self.query_proj = nn.Linear(dim, dim)
@@ -128,8 +124,6 @@ class ShortTermMemory(nn.Module):
         ``own_rows_only``: a query reads only rows of its own sequence (needs an empty
         buffer, since stored entries may come from batches of another size).
         """
-        if current.ndim != 3 or current.shape[-1] != self.dim:
-            raise ValueError(f"current must have shape [batch, time, {self.dim}], got {tuple(current.shape)}")
         batch, steps, _ = current.shape
         if own_rows_only and self.entries:
             raise ValueError("own_rows_only needs an empty buffer: call reset() first")
@@ -187,9 +181,6 @@ class ShortTermMemory(nn.Module):
     def write(self, current: torch.Tensor, outputs: torch.Tensor) -> None:
         """Append one entry per timestep (keys ``current``, values ``outputs``, both
         ``[B, T, d]``, detached) and keep the last ``capacity`` entries."""
-        if current.shape != outputs.shape or current.ndim != 3:
-            raise ValueError(f"current and outputs must share a [B, T, d] shape, got {tuple(current.shape)} "
-                             f"and {tuple(outputs.shape)}")
         batch, steps, _ = current.shape
         new_sizes = self._new_sizes(batch, steps)
         counts = torch.cat([self.counts, torch.ones_like(new_sizes)])
