@@ -1,6 +1,10 @@
-"""ContinuumOptimizer replica: saturation, meta-losses, unrolled meta-gradient, hypergradient."""
+"""ContinuumOptimizer replica: saturation, meta-losses, unrolled meta-gradient, hypergradient;
+the torch.optim contract (closure, schedulers, checkpoints)."""
 
 from __future__ import annotations
+
+import io
+from functools import partial
 
 import pytest
 import torch
@@ -9,11 +13,11 @@ from torch import nn
 
 from nested_lab import runtime
 from nested_lab.data.corpus import CharCorpus
+from nested_lab.experiments.meta_loss_collapse import controller_saturation
 from nested_lab.models.char_mlp import CharMLP
 from nested_lab.optim import ContinuumConfig, ContinuumOptimizer, LRController, UnrollProblem
 from nested_lab.optim.controller import group_stats, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import ProxyMetaLoss
-from nested_lab.optim.saturation import controller_saturation
 from nested_lab.optim.unrolled import AdamWHyper, unrolled_meta_gradient, unrolled_validation_loss
 
 
@@ -25,6 +29,13 @@ def _regression(seed: int, dtype=torch.float64):
     batches = [(x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16]) for i in range(3)]
     problem = UnrollProblem(model, F.mse_loss, lambda k: batches[:k], lambda: (x[48:], y[48:]))
     return model, problem, x, y
+
+
+def _mse_closure(model: nn.Module, opt: torch.optim.Optimizer, batch) -> torch.Tensor:
+    opt.zero_grad()
+    loss = F.mse_loss(model(batch[0]), batch[1])
+    loss.backward()
+    return loss
 
 
 def test_saturation_grows_with_the_input_scale():
@@ -83,7 +94,7 @@ def test_unrolled_meta_gradient_matches_finite_differences():
     group_of = {name: 0 for name, _ in model.named_parameters()}
     state = {name: (torch.zeros_like(p), torch.zeros_like(p), 0) for name, p in model.named_parameters()}
     hyper = AdamWHyper((0.9, 0.999), 1e-8, 0.01)
-    args = (0.05, (0.1, 2.0), hyper)
+    args = ([0.05], (0.1, 2.0), hyper)
     grads, _ = unrolled_meta_gradient(controller, stats, problem, state, group_of, *args, k=3)
     params = {n: p.detach() for n, p in model.named_parameters()}
     base = {n: p.detach() for n, p in controller.named_parameters()}
@@ -106,10 +117,7 @@ def test_unrolled_optimizer_trains_the_controller():
     config = ContinuumConfig(meta_loss="unrolled", update_freq=2, unroll_steps=2, lr=0.05)
     opt = ContinuumOptimizer([{"params": model.parameters()}], config, runtime.generator(0), problem)
     for _ in range(4):
-        loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss.item())
+        opt.step(partial(_mse_closure, model, opt, (x, y)))
     assert len(opt.trace.meta_grad_norm) == 2 and all(n > 0 for n in opt.trace.meta_grad_norm)
 
 
@@ -122,14 +130,15 @@ def test_hypergradient_update_matches_its_formula():
         opt.zero_grad()
         loss.backward()
         if step == 2:
-            state = [opt.base.state[p] for p in model.parameters()]
+            state = [opt.state[p] for p in model.parameters()]
             u = [s["exp_avg"] / (1 - 0.9 ** s["step"]) / ((s["exp_avg_sq"] / (1 - 0.999 ** s["step"])).sqrt()
                                                           + 1e-8) for s in state]
             h = sum((p.grad * d).sum() for p, d in zip(model.parameters(), u, strict=True))
-            expected = (opt.current[0] + 0.5 * h).clamp(0.1, 2.0)
-        opt.step(loss.item())
-    assert opt.current[0].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * expected.item(), rel=1e-6)
+            expected = (opt.multipliers[0] + 0.5 * h).clamp(0.1, 2.0)
+        opt.step(loss=loss.item())
+    assert opt.multipliers[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert opt.param_groups[0]["multiplier"] == pytest.approx(expected.item(), rel=1e-6)
+    assert opt.param_groups[0]["lr"] == 0.01  # the base rate; AdamW steps at lr * multiplier
 
 
 def _train_charmlp(config: ContinuumConfig, seed: int, steps: int, weight_scale: float = 1.0):
@@ -146,7 +155,7 @@ def _train_charmlp(config: ContinuumConfig, seed: int, steps: int, weight_scale:
         loss = F.cross_entropy(model(inputs), targets)
         opt.zero_grad()
         loss.backward()
-        opt.step(loss.item())
+        opt.step(loss=loss.item())
     return opt
 
 
@@ -180,14 +189,14 @@ def test_group_stats_sum_the_norms():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"min_lr_mult": 2.0, "max_lr_mult": 2.0}, "min_lr_mult < max_lr_mult"),
+    ({"min_lr_mult": 2.0, "max_lr_mult": 2.0}, r"max_lr_mult must be finite and > 2\.0"),
     ({"update_freq": 0}, "update_freq must be >= 1"),
     ({"unroll_steps": 0}, "unroll_steps must be >= 1"),
     ({"input_scaling": "sqrt"}, "allowed: raw, log1p"),
     ({"meta_loss": "magic"}, "allowed: regularization, proxy, unrolled, hypergradient"),
     ({"variant": "deeper"}, "allowed: continuum, deep_nested"),
-    ({"controller_lr": 0.0}, "controller_lr must be > 0"),
-    ({"betas": (0.9, 1.0)}, "betas in"),
+    ({"controller_lr": 0.0}, "controller_lr must be finite and > 0"),
+    ({"betas": (0.9, 1.0)}, r"betas\[1\] must be finite and in \[0, 1\)"),
 ])
 def test_invalid_settings_raise(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -208,13 +217,10 @@ def test_bad_inputs_raise():
         ContinuumOptimizer([{"params": [param]}], ContinuumConfig(meta_loss="unrolled"))
     with pytest.raises(TypeError, match="ContinuumConfig"):
         ContinuumOptimizer([{"params": [param]}], {"lr": 1e-3})
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="empty parameter list"):
         ContinuumOptimizer([], ContinuumConfig())
-    opt = ContinuumOptimizer([{"params": [param]}])
-    with pytest.raises(ValueError, match="finite float"):
-        opt.step(float("nan"))
-    with pytest.raises(ValueError, match="finite float"):
-        opt.step(float("inf"))
+    with pytest.raises(ValueError, match="proxy' needs the training loss"):
+        ContinuumOptimizer([param], ContinuumConfig.shipped_fix(update_freq=1)).step()
     with pytest.raises(ValueError, match=r"shape \[groups, 3\]"):
         LRController()(torch.ones(2, 4))
     with pytest.raises(ValueError, match="allowed"):
@@ -226,3 +232,114 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="shape"):
         CharMLP(10, context=4)(torch.zeros(2, 3, dtype=torch.long))
     assert multiplier(torch.tensor([0.0]), 0.1, 2.0).item() == pytest.approx(1.05)
+
+
+# ----- the torch.optim contract ------------------------------------------------------------------
+
+
+def _two_group_model(seed: int) -> nn.Module:
+    gen = runtime.generator(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    return [{"name": "core", "params": list(model[0].parameters()), "depth": 0.6},
+            {"name": "memory", "params": list(model[2].parameters()), "depth": 0.3}]
+
+
+_X = torch.randn(96, 4, generator=runtime.generator(7))
+_BATCHES = [(_X[i::6], _X[i::6].sum(dim=1, keepdim=True).sin()) for i in range(6)]
+
+
+def _optimizer(model: nn.Module, config: ContinuumConfig, controller_seed: int) -> ContinuumOptimizer:
+    problem = UnrollProblem(model, F.mse_loss, lambda k: _BATCHES[:k], lambda: _BATCHES[-1])
+    return ContinuumOptimizer(_groups(model), config, runtime.generator(controller_seed), problem)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, scheduler=None) -> None:
+    for t in steps:
+        opt.step(partial(_mse_closure, model, opt, _BATCHES[t % len(_BATCHES)]))
+        if scheduler is not None:
+            scheduler.step()
+
+
+CHECKPOINT_CONFIGS = {
+    "original": ContinuumConfig.original(update_freq=3, lr=1e-2),
+    "shipped fix": ContinuumConfig.shipped_fix(update_freq=2, proxy_warmup=2, lr=1e-2),
+    "deep nested": ContinuumConfig.original(variant="deep_nested", meta_loss="proxy", meta_update_freq=3,
+                                            proxy_warmup=2),
+    "unrolled": ContinuumConfig.shipped_fix(meta_loss="unrolled", update_freq=3, unroll_steps=2),
+    "hypergradient": ContinuumConfig(meta_loss="hypergradient", hypergradient_lr=0.5, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINT_CONFIGS))
+def test_a_checkpoint_restores_training_exactly(name):
+    config = CHECKPOINT_CONFIGS[name]
+    model, opt = _two_group_model(0), None
+    opt = _optimizer(model, config, controller_seed=1)
+    _train(model, opt, range(14))
+
+    half = _two_group_model(0)
+    half_opt = _optimizer(half, config, controller_seed=1)
+    _train(half, half_opt, range(7))
+    buffer = io.BytesIO()
+    torch.save({"model": half.state_dict(), "optimizer": half_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed = _two_group_model(99)  # fresh weights and a fresh controller, all overwritten by the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = _optimizer(resumed, config, controller_seed=123)
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    _train(resumed, resumed_opt, range(7, 14))
+
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.controller.parameters(), resumed_opt.controller.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.multipliers, resumed_opt.multipliers) and opt.steps == resumed_opt.steps == 14
+    assert opt.trace.multipliers[7:] == resumed_opt.trace.multipliers
+    assert opt.trace.multipliers[-1] != [1.0, 1.0]
+
+
+def test_a_scheduler_sets_the_base_rate_the_multiplier_scales():
+    config = ContinuumConfig.original(update_freq=2, lr=1e-2)
+    scheduled, plain = _two_group_model(0), _two_group_model(0)
+    scheduled_opt = _optimizer(scheduled, config, controller_seed=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(scheduled_opt, lambda epoch: 0.5)
+    assert [g["lr"] for g in scheduled_opt.param_groups] == [5e-3, 5e-3]
+    plain_opt = _optimizer(plain, config.with_(lr=5e-3), controller_seed=1)
+    _train(scheduled, scheduled_opt, range(8), scheduler)
+    _train(plain, plain_opt, range(8))
+    assert torch.equal(scheduled_opt.multipliers, plain_opt.multipliers)
+    assert scheduled_opt.trace.multipliers[-1] != [1.0, 1.0]
+    for a, b in zip(scheduled.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_step_lr_decays_the_rate_of_the_base_adamw_step():
+    config = ContinuumConfig.original(update_freq=1000, lr=1e-2)  # no controller call: m = 1
+    model, reference = _two_group_model(0), _two_group_model(0)
+    opt = _optimizer(model, config, controller_seed=1)
+    adamw = torch.optim.AdamW(_groups(reference), lr=1e-2, weight_decay=0.01)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1) for o in (opt, adamw)]
+    for t in range(6):
+        _train(model, opt, range(t, t + 1), schedulers[0])
+        _train(reference, adamw, range(t, t + 1), schedulers[1])
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5) and opt.param_groups[0]["initial_lr"] == 1e-2
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_it_is_a_torch_optimizer_whose_step_runs_the_closure_with_gradients():
+    model = _two_group_model(0)
+    opt = _optimizer(model, ContinuumConfig.shipped_fix(update_freq=1), controller_seed=1)
+    assert isinstance(opt, torch.optim.Optimizer)
+    with torch.no_grad():
+        loss = opt.step(partial(_mse_closure, model, opt, _BATCHES[0]))
+    assert loss.requires_grad and opt.trace.update_steps == [1] and opt.trace.meta_branch == ["warmup"]
+    assert set(opt.state_dict()) == {"state", "param_groups", "controller"}

@@ -1,4 +1,5 @@
-"""Unit tests for nested_lab.experiments.reading_this_book: gradient descent on quadratics and its stability boundary."""
+"""Unit tests for nested_lab.experiments.reading_this_book (chapter 0): gradient descent on quadratics
+and its stability boundary."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def test_random_hessians_one_dimensional():
 
 @pytest.mark.parametrize(("n", "dim", "max_eig", "message"), [
     (0, 3, 4.0, "n must be >= 1"), (-1, 3, 4.0, "n must be >= 1"), (2, 0, 4.0, "dim must be >= 1"),
-    (2, 3, 0.0, "max_eig must be > 0"), (2, 3, -1.0, "max_eig must be > 0")])
+    (2, 3, 0.0, "max_eig must be finite and > 0"), (2, 3, -1.0, "max_eig must be finite and > 0")])
 def test_random_hessians_bad_arguments_raise(n, dim, max_eig, message):
     with pytest.raises(ValueError, match=message):
         quadratic.random_hessians(n, dim, generator(0), max_eig=max_eig)

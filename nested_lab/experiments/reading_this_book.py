@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_positive_ints, check_range
 
 REGIMES = ("monotone", "oscillating", "divergent")
 
@@ -24,7 +24,7 @@ def gd_scalar_trajectories(lrs, curvatures, x0: float = 1.0, steps: int = 50) ->
     computed step by step with ``x <- x - lr * lambda * x``, not from the closed form.
     """
     lrs, curvatures = _positive_vector("lrs", lrs), _positive_vector("curvatures", curvatures)
-    _check_steps(steps)
+    check_positive_ints(steps=steps)
     rate = lrs[:, None] * curvatures[None, :]
     x = torch.full_like(rate, float(x0))
     out = [x]
@@ -53,9 +53,7 @@ def random_hessians(n: int, dim: int, generator: torch.Generator, max_eig: float
     """``n`` random symmetric positive-definite ``dim x dim`` matrices (float64) with
     random eigenvectors, eigenvalues uniform in (0, max_eig) and the largest equal to ``max_eig``."""
     check_positive_ints(n=n, dim=dim)
-    check_numbers(max_eig=max_eig)
-    if not max_eig > 0:
-        raise ValueError(f"max_eig must be > 0, got {max_eig}")
+    check_range("max_eig", max_eig, 0, low_open=True)
     q, _ = torch.linalg.qr(torch.randn(n, dim, dim, generator=generator, dtype=torch.float64))
     eig = torch.rand(n, dim, generator=generator, dtype=torch.float64) * max_eig
     eig[:, 0] = max_eig
@@ -69,8 +67,7 @@ def measured_critical_lr(hessians: torch.Tensor, generator: torch.Generator, ste
     never from the eigenvalues. ``hessians`` has shape ``[n, d, d]``."""
     if hessians.ndim != 3 or hessians.shape[1] != hessians.shape[2]:
         raise ValueError(f"hessians must have shape [n, d, d], got {tuple(hessians.shape)}")
-    _check_steps(steps)
-    check_positive_ints(iterations=iterations)
+    check_positive_ints(steps=steps, iterations=iterations)
     x0 = torch.randn(hessians.shape[:2], generator=generator, dtype=hessians.dtype)
     # lambda_max <= |H|_F <= sqrt(d) lambda_max, so the bracket [0, 4 sqrt(d) / |H|_F] holds the boundary
     frobenius = torch.linalg.matrix_norm(hessians, ord="fro")
@@ -90,13 +87,10 @@ def _final_norm(hessians: torch.Tensor, x0: torch.Tensor, lrs: torch.Tensor, ste
 
 
 def _positive_vector(name: str, values) -> torch.Tensor:
+    """``values`` (a sequence, an array or a tensor) as a float64 vector of finite numbers > 0."""
     tensor = torch.as_tensor(values, dtype=torch.float64)
     if tensor.ndim != 1 or tensor.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(tensor.shape)}")
-    if not torch.isfinite(tensor).all() or (tensor <= 0).any():
-        raise ValueError(f"{name} must be finite and > 0, got {tensor.tolist()}")
+    for value in tensor.tolist():
+        check_range(name, value, 0, low_open=True)
     return tensor
-
-
-def _check_steps(steps: int) -> None:
-    check_positive_ints(steps=steps)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_positive_ints, check_range
 
 
 class AdaptiveClipper:
@@ -23,10 +23,9 @@ class AdaptiveClipper:
 
     def __init__(self, clip: float, window: int = 100, spike_factor: float = 3.0, tighten: float = 10.0,
                  warmup: int = 10) -> None:
-        check_numbers(clip=clip, spike_factor=spike_factor, tighten=tighten)
-        if not clip > 0 or not spike_factor > 1 or not tighten >= 1:
-            raise ValueError(f"need clip > 0, spike_factor > 1 and tighten >= 1, got {clip}, {spike_factor}, "
-                             f"{tighten}")
+        check_range("clip", clip, 0, low_open=True)
+        check_range("spike_factor", spike_factor, 1, low_open=True)
+        check_range("tighten", tighten, 1)
         check_positive_ints(window=window, warmup=warmup)
         self.clip, self.spike_factor, self.tighten, self.warmup = clip, spike_factor, tighten, warmup
         self.history: deque[float] = deque(maxlen=window)

@@ -25,6 +25,7 @@ from nested_lab.optim.continuum import ContinuumConfig
 from nested_lab.optim.controller import LRController, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import ProxyMetaLoss, regularization_loss
 from nested_lab.optim.unrolled import AdamWHyper, adamw_step
+from nested_lab.parameters import check_choice
 
 ENSEMBLE_META_LOSSES = ("regularization", "proxy", "hypergradient")
 
@@ -34,9 +35,8 @@ class ContinuumEnsemble:
     the tensors are leaves that require grad. ``controller_seeds``: one seed per member."""
 
     def __init__(self, groups: list[dict], config: ContinuumConfig, controller_seeds: list[int]) -> None:
-        if config.variant != "continuum" or config.meta_loss not in ENSEMBLE_META_LOSSES:
-            raise ValueError(f"ContinuumEnsemble supports variant='continuum' and meta_loss in "
-                             f"{ENSEMBLE_META_LOSSES}, got {config.variant!r}, {config.meta_loss!r}")
+        check_choice("ContinuumEnsemble variant", config.variant, ("continuum",))
+        check_choice("ContinuumEnsemble meta_loss", config.meta_loss, ENSEMBLE_META_LOSSES)
         self.size = len(controller_seeds)
         if self.size < 1 or any(p.shape[0] != self.size for g in groups for p in g["params"].values()):
             raise ValueError(f"every parameter needs a leading ensemble dimension of {self.size}")

@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from nested_lab.parameters import check_ints_at_least, check_numbers, check_positive_ints
+from nested_lab.parameters import check_positive_ints, check_range
 
 
 def regularization_loss(m: torch.Tensor) -> torch.Tensor:
@@ -29,15 +29,13 @@ class ProxyMetaLoss:
     ``improvement = losses[0] - losses[-1]``: if ``improvement > threshold`` the
     loss is ``((m - multipliers[-1])^2).mean()``, else
     ``((m - 1)^2).mean() - 0.1 * |m - 1|.mean()`` (minimised at ``|m - 1| = 0.05``).
+    Needs ``window >= max(2, warmup)``.
     """
 
     def __init__(self, window: int = 100, threshold: float = 1e-3, warmup: int = 10) -> None:
-        check_ints_at_least(2, window=window)
         check_positive_ints(warmup=warmup)
-        check_numbers(threshold=threshold)
-        if warmup > window:
-            raise ValueError(f"need warmup <= window, got window={window}, warmup={warmup}")
-        self.threshold = threshold
+        check_range("window", window, max(2, warmup), integer=True)
+        self.threshold = check_range("threshold", threshold)
         self.warmup = warmup
         self.losses: deque[float] = deque(maxlen=window)
         self.multipliers: deque[torch.Tensor] = deque(maxlen=window)
@@ -46,6 +44,17 @@ class ProxyMetaLoss:
     def record(self, loss: float, m: torch.Tensor) -> None:
         self.losses.append(float(loss))
         self.multipliers.append(m.detach().clone())
+
+    def state_dict(self) -> dict:
+        """The history and the last branch (for an optimizer checkpoint)."""
+        return {"losses": list(self.losses), "multipliers": list(self.multipliers), "last_branch": self.last_branch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.clear()
+        self.losses.extend(state["losses"])
+        self.multipliers.clear()
+        self.multipliers.extend(state["multipliers"])
+        self.last_branch = state["last_branch"]
 
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
         if len(self.losses) < self.warmup:

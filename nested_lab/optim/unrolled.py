@@ -14,7 +14,7 @@ Short unrolls are biased toward small learning rates (Wu et al. 2018).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +73,13 @@ def adamw_step(params: Params, grads: Params, state: dict[str, tuple], lrs: dict
 
 def unrolled_validation_loss(controller_params: Params, controller: nn.Module, stats: torch.Tensor,
                              problem: UnrollProblem, params: Params, state: dict[str, tuple],
-                             group_of: dict[str, int], base_lr: float, bounds: tuple[float, float],
+                             group_of: dict[str, int], base_lrs: Sequence[float], bounds: tuple[float, float],
                              hyper: AdamWHyper, batches: list[Batch], val: Batch) -> torch.Tensor:
-    """``L_val`` after ``len(batches)`` AdamW steps whose learning rates the controller sets."""
+    """``L_val`` after ``len(batches)`` AdamW steps whose learning rates the controller sets:
+    parameter ``name`` of group ``g = group_of[name]`` steps at ``base_lrs[g] * m_g``."""
     raw = functional_call(controller, controller_params, (stats,))
     m = multiplier(raw, *bounds)
-    lrs = {name: base_lr * m[group_of[name]] for name in params}
+    lrs = {name: base_lrs[group_of[name]] * m[group_of[name]] for name in params}
     for batch in batches:
         grads = grad(problem.loss)(params, batch)
         params, state = adamw_step(params, grads, state, lrs, hyper)
@@ -86,13 +87,13 @@ def unrolled_validation_loss(controller_params: Params, controller: nn.Module, s
 
 
 def unrolled_meta_gradient(controller: nn.Module, stats: torch.Tensor, problem: UnrollProblem,
-                           state: dict[str, tuple], group_of: dict[str, int], base_lr: float,
+                           state: dict[str, tuple], group_of: dict[str, int], base_lrs: Sequence[float],
                            bounds: tuple[float, float], hyper: AdamWHyper, k: int) -> tuple[Params, float]:
     """``d L_meta / d phi`` for every controller parameter, and ``L_meta`` itself."""
     params = {name: p.detach() for name, p in problem.model.named_parameters()}
     controller_params = {name: p.detach() for name, p in controller.named_parameters()}
     batches, val = problem.train_batches(k), problem.val_batch()
     grads, value = torch.func.grad_and_value(unrolled_validation_loss)(
-        controller_params, controller, stats, problem, params, state, group_of, base_lr, bounds, hyper,
+        controller_params, controller, stats, problem, params, state, group_of, base_lrs, bounds, hyper,
         batches, val)
     return grads, float(value)
