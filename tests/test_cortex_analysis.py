@@ -1,4 +1,4 @@
-"""Chapter 2's audit measurements: gate spectrum, read-out gain, dead units, capacity, probes."""
+"""Chapter 2's audit measurements: gate spectrum, read-out gain, dead units, capacity, probes, energy."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch.func import jacrev
 
 from nested_lab import runtime
 from nested_lab.data.corpus import CharCorpus
-from nested_lab.experiments import cortex_analysis as audit
-from nested_lab.models.cortex import CortexConfig, CortexGPT
+from nested_lab.experiments import cortexgpt_instability as audit
+from nested_lab.models.cortex import CortexGPT
+from nested_lab.train.cortex_setup import CortexSetup
 from nested_lab.train.guards import same_state
 
 SMALL = {"dim": 16, "columns": 4, "stm_capacity": 8, "ltm_code_dim": 4, "batch_size": 4, "context": 10}
@@ -19,7 +20,7 @@ VOCAB = 11
 
 
 def _model() -> CortexGPT:
-    return CortexGPT(CortexConfig.original(**SMALL), VOCAB, seed=0)
+    return CortexGPT(CortexSetup.original(**SMALL).model, VOCAB, seed=0)
 
 
 def _batches(n: int = 3) -> list[torch.Tensor]:
@@ -30,6 +31,7 @@ def test_gate_spectrum_is_real_and_at_most_one_half():
     gates = torch.softmax(torch.randn(500, 3, generator=runtime.generator(0)) * 3, dim=-1)
     spectrum = audit.gate_jacobian_spectrum(torch.cat([gates, torch.tensor([[0.5, 0.5, 0.0]])]))
     assert spectrum.closed_form_error < 1e-12 and spectrum.asymmetry == 0.0
+    assert spectrum.largest_smallest_modulus < 1e-12 and spectrum.min_modulus < 1e-12  # rows sum to 0
     assert spectrum.max_imaginary == 0.0
     assert spectrum.max_modulus == pytest.approx(0.5, abs=1e-9)  # reached at g = (1/2, 1/2, 0)
 
@@ -53,7 +55,7 @@ def test_readout_gain_matches_a_direct_jacobian():
 
 
 def test_dead_unit_fraction_counts_units_that_never_fire():
-    model = CortexGPT(CortexConfig.original(**SMALL, active_fraction=1.0), VOCAB, seed=0)  # every token selected
+    model = CortexGPT(CortexSetup.original(**SMALL, active_fraction=1.0).model, VOCAB, seed=0)  # every token selected
     with torch.no_grad():
         model.columns.b1[:] = 1e4  # every unit fires on every token
         assert audit.dead_unit_fraction(model, _batches()) == 0.0
@@ -70,12 +72,13 @@ def test_gate_memory_gain_matches_autograd():
     gates = torch.softmax(model.memory_gate.proj(torch.cat([c, r, lt])), -1)
     gain = audit.gate_memory_gain(gates[None], model.memory_gate.proj.weight[:, 16:32])
     assert gain.item() == pytest.approx(torch.linalg.matrix_norm(jacobian, ord=2).item(), rel=1e-5)
+    assert torch.equal(audit.stm_gate_gain(model, gates[None]), gain)
 
 
 def test_memory_gradient_norm_is_zero_under_stop_gradient():
     tokens, targets = _batches(2)
     for stop, positive in ((False, True), (True, False)):
-        model = CortexGPT(CortexConfig.original(**SMALL, stop_gradient=stop), VOCAB, seed=0)
+        model = CortexGPT(CortexSetup.original(**SMALL, stop_gradient=stop).model, VOCAB, seed=0)
         model(tokens)
         before = model.memory_state()
         assert (audit.memory_gradient_norm(model, tokens, targets) > 0) == positive

@@ -1,4 +1,4 @@
-"""The CortexGPT replica: shapes, masks, gradients, options, presets, bad configs."""
+"""The CortexGPT replica: shapes, masks, gradients, options, presets, bad configs and setups."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from nested_lab import runtime
-from nested_lab.models.cortex import PHASE1_FIXES, SOLUTION_FIXES, CortexConfig, CortexGPT
+from nested_lab.models.cortex import CortexConfig, CortexGPT
+from nested_lab.train.cortex_setup import PHASE1_FIXES, SOLUTION_FIXES, CortexSetup, CortexTrainConfig
 
 SMALL = {"dim": 16, "columns": 4, "stm_capacity": 8, "ltm_code_dim": 4, "batch_size": 4, "context": 10}
 VOCAB = 11
 
 
-def _model(config: CortexConfig, seed: int = 0) -> CortexGPT:
-    return CortexGPT(config, VOCAB, seed)
+def _model(setup: CortexSetup, seed: int = 0) -> CortexGPT:
+    return CortexGPT(setup.model, VOCAB, seed)
 
 
 def _tokens(batch: int = 4, steps: int = 10, seed: int = 0) -> torch.Tensor:
@@ -27,7 +28,7 @@ def _tokens(batch: int = 4, steps: int = 10, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", ["original", "solutions", "phase1"])
 def test_forward_shapes_for_every_preset(preset):
-    model = _model(getattr(CortexConfig, preset)(**SMALL))
+    model = _model(getattr(CortexSetup, preset)(**SMALL))
     out = model(_tokens())
     assert out.logits.shape == (4, 10, VOCAB)
     assert out.gates.shape == (4, 10, 3) and torch.allclose(out.gates.sum(-1), torch.ones(4, 10))
@@ -37,7 +38,7 @@ def test_forward_shapes_for_every_preset(preset):
 
 
 def test_hard_topk_mask_selects_five_percent_of_the_flattened_batch():
-    model = _model(CortexConfig.original(**{**SMALL, "columns": 16}))
+    model = _model(CortexSetup.original(**{**SMALL, "columns": 16}))
     out = model(_tokens(8, 32))  # 256 tokens: each column keeps int(0.05 * 256) = 12
     assert torch.equal(out.column_weights.sum(-1), torch.full((16,), 12.0))
     assert set(out.column_weights.unique().tolist()) == {0.0, 1.0}
@@ -47,7 +48,7 @@ def test_hard_topk_mask_selects_five_percent_of_the_flattened_batch():
 
 def test_no_gradient_reaches_the_gates_with_hard_topk_but_does_with_gumbel():
     for selection, reaches in (("hard_topk", False), ("gumbel_topk", True), ("gumbel_dim0", True)):
-        model = _model(CortexConfig.original(**SMALL, selection=selection))
+        model = _model(CortexSetup.original(**SMALL, selection=selection))
         out = model(_tokens())
         F.cross_entropy(out.logits.flatten(0, 1), _tokens(seed=1).flatten()).backward()
         grad = model.columns.gate_weight.grad
@@ -56,25 +57,25 @@ def test_no_gradient_reaches_the_gates_with_hard_topk_but_does_with_gumbel():
 
 
 def test_stop_gradient_cuts_the_memory_paths():
-    model = _model(CortexConfig.original(**SMALL, stop_gradient=True))
+    model = _model(CortexSetup.original(**SMALL, stop_gradient=True))
     model(_tokens())  # fill the memory
     out = model(_tokens(seed=2))
     out.logits.sum().backward()
     assert model.stm.query_proj.weight.grad is None and model.ltm.decompressor[0].weight.grad is None
-    model = _model(CortexConfig.original(**SMALL))
+    model = _model(CortexSetup.original(**SMALL))
     model(_tokens())
     model(_tokens(seed=2)).logits.sum().backward()
     assert model.stm.query_proj.weight.grad is not None
 
 
 def test_memory_scopes():
-    model = _model(CortexConfig.original(**SMALL, memory_scope="sequence"))
+    model = _model(CortexSetup.original(**SMALL, memory_scope="sequence"))
     model(_tokens())
     out = model(_tokens(seed=3))
     # a sequence-scoped read at t = 0 sees nothing: the memories are reset at every pass
     assert torch.equal(out.stm_read[:, 0], torch.zeros(4, 16))
     assert torch.equal(out.ltm_read, torch.zeros(4, 10, 16))
-    carried = _model(CortexConfig.original(**SMALL))
+    carried = _model(CortexSetup.original(**SMALL))
     carried(_tokens())
     assert carried(_tokens(seed=3)).stm_read[:, 0].abs().sum() > 0
 
@@ -104,7 +105,7 @@ def _original_forward(model: CortexGPT, tokens: torch.Tensor, deque: dict) -> to
 
 def test_the_two_pass_memory_loop_equals_the_original_per_timestep_loop():
     """Values and gradients, over passes that carry the memory and cross its window."""
-    config = CortexConfig.original(**{**SMALL, "stm_capacity": 7}, consolidation_probability=0.0)
+    config = CortexSetup.original(**{**SMALL, "stm_capacity": 7}, consolidation_probability=0.0)
     model = _model(config)
     reference = copy.deepcopy(model)
     deque = {"keys": [], "values": []}
@@ -123,13 +124,13 @@ def test_the_two_pass_memory_loop_equals_the_original_per_timestep_loop():
 
 
 def test_row_storage_keeps_capacity_rows():
-    model = _model(CortexConfig.phase1(**SMALL))
+    model = _model(CortexSetup.phase1(**SMALL))
     model(_tokens())
     assert model.stm.entries == 8 and len(model.stm.keys) == 8  # 8 rows of the last two timesteps
 
 
 def test_same_seed_same_numbers_different_seed_different_numbers():
-    config = CortexConfig.solutions(**SMALL)
+    config = CortexSetup.solutions(**SMALL)
     a, b, c = _model(config, 0), _model(config, 0), _model(config, 1)
     out_a, out_b, out_c = a(_tokens()), b(_tokens()), c(_tokens())
     assert torch.equal(out_a.logits, out_b.logits)
@@ -137,19 +138,19 @@ def test_same_seed_same_numbers_different_seed_different_numbers():
 
 
 def test_original_consolidation_fills_the_ltm_and_the_shipped_async_never_does():
-    model = _model(CortexConfig.original(**SMALL, consolidation="interval", consolidation_interval=1,
+    model = _model(CortexSetup.original(**SMALL, consolidation="interval", consolidation_interval=1,
                                          consolidation_threshold=1))
     for seed in range(3):
         model(_tokens(seed=seed))
     assert model.ltm.size > 0
-    shipped = _model(CortexConfig.phase1(**SMALL, consolidation="shipped_async", consolidation_probability=1.0))
+    shipped = _model(CortexSetup.phase1(**SMALL, consolidation="shipped_async", consolidation_probability=1.0))
     for seed in range(3):
         shipped(_tokens(seed=seed))
     assert shipped.ltm.size == 0 and shipped.consolidator.queued_rows > 0
 
 
 def test_eval_mode_does_not_consolidate():
-    model = _model(CortexConfig.original(**SMALL, consolidation="interval", consolidation_interval=1,
+    model = _model(CortexSetup.original(**SMALL, consolidation="interval", consolidation_interval=1,
                                          consolidation_threshold=1))
     model.eval()
     with torch.no_grad():
@@ -159,65 +160,71 @@ def test_eval_mode_does_not_consolidate():
 
 
 def test_solutions_gate_residual_is_the_plain_mix():
-    model = _model(CortexConfig.original(**SMALL, gate="temperature_softmax"))
+    model = _model(CortexSetup.original(**SMALL, gate="temperature_softmax"))
     c, s, lt = (torch.randn(3, 16, generator=runtime.generator(i)) for i in range(3))
     y, g = model.memory_gate(c, s, lt)
     assert torch.allclose(y, g[:, :1] * c + g[:, 1:2] * s + g[:, 2:] * lt, atol=1e-6)
 
 
 def test_presets_hold_the_documents_fixes():
-    solutions, phase1 = CortexConfig.solutions(), CortexConfig.phase1()
+    solutions, phase1 = CortexSetup.solutions(), CortexSetup.phase1()
     for preset, fixes in ((solutions, SOLUTION_FIXES), (phase1, PHASE1_FIXES)):
-        assert all(getattr(preset, k) == v for fix in fixes.values() for k, v in fix.items())
-    assert phase1.lr == 1e-4 and phase1.betas == (0.9, 0.98) and phase1.clip == 0.5 and phase1.weight_decay == 0.1
-    assert CortexConfig.phase1(without="sigmoid gate").gate == "softmax"
-    assert CortexConfig.solutions(without="EMA 0.999").ema_decay is None
+        assert all(preset.value(k) == v for fix in fixes.values() for k, v in fix.items())
+    train = phase1.train
+    assert train.lr == 1e-4 and train.betas == (0.9, 0.98) and train.clip == 0.5 and train.weight_decay == 0.1
+    assert CortexSetup.phase1(without="sigmoid gate").model.gate == "softmax"
+    assert CortexSetup.solutions(without="EMA 0.999").train.ema_decay is None
     with pytest.raises(ValueError, match="unknown fix"):
-        CortexConfig.phase1(without="dropout")
-    original = CortexConfig.original()
-    assert (original.selection, original.gate, original.consolidation) == ("hard_topk", "softmax", "random")
-    assert original.with_(gate="temperature_sigmoid").gate == "temperature_sigmoid"
+        CortexSetup.phase1(without="dropout")
+    original = CortexSetup.original()
+    assert (original.model.selection, original.model.gate, original.model.consolidation) == (
+        "hard_topk", "softmax", "random")
+    assert original.with_(gate="temperature_sigmoid").model.gate == "temperature_sigmoid"
+
+
+def test_a_setup_routes_each_field_to_its_half():
+    setup = CortexSetup.original().with_(dim=32, lr=1e-3, context=16)
+    assert (setup.model.dim, setup.train.lr, setup.train.context) == (32, 1e-3, 16)
+    assert setup.model == CortexConfig(dim=32) and setup.train == CortexTrainConfig(lr=1e-3, context=16)
+    assert CortexSetup.phase1(lr=1e-3).train.lr == 1e-3  # an override wins over the preset's fix
 
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"gate": "relu"}, "unknown gate"),
     ({"selection": "topk"}, "unknown selection"),
     ({"memory_scope": "global"}, "unknown memory_scope"),
-    ({"dim": 0}, "dim must be >= 1"),
+    ({"dim": 0}, "dim must be >= 4"),
     ({"dim": 2}, "dim must be >= 4"),
-    ({"active_fraction": 0.0}, r"active_fraction must be in \(0, 1\]"),
+    ({"active_fraction": 0.0}, r"active_fraction must be finite and in \(0, 1\]"),
     ({"active_fraction": 1.5}, "active_fraction"),
-    ({"lr": -1e-3}, r"lr must be in \(0, inf\)"),
+    ({"lr": -1e-3}, r"lr must be finite and > 0"),
     ({"betas": (0.9, 1.0)}, "betas"),
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"consolidation_probability": 2.0}, "consolidation_probability"),
     ({"residual_weight": float("nan")}, "residual_weight must be finite"),
     ({"lr": float("inf")}, "lr must be finite"),
-    ({"spike_factor": 1.0}, r"spike_factor must be in \(1, inf\)"),
+    ({"spike_factor": 1.0}, r"spike_factor must be finite and > 1"),
     ({"stm_storage": "cell"}, "unknown stm_storage"),
-    ({"train_chars": 5}, r"train_chars must be None or >= context \+ 2"),
+    ({"train_chars": 5}, r"train_chars must be >= 66"),  # context 64 + 2
     ({"clip": "1"}, "clip must be a number"),
 ])
 def test_bad_configs_raise_clear_errors(changes, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        CortexConfig(**changes)
+        CortexSetup.original(**changes)
 
 
 @pytest.mark.parametrize("changes", [{"columns": 2.5}, {"dim": "64"}, {"train_chars": 1000.0}, {"stm_capacity": True}])
 def test_non_int_config_fields_raise_type_error(changes):
     name = next(iter(changes))
     with pytest.raises(TypeError, match=f"{name} must be an int"):
-        CortexConfig(**changes)
+        CortexSetup.original(**changes)
 
 
 def test_unknown_field_and_bad_inputs():
-    with pytest.raises(ValueError, match="unknown CortexConfig field"):
-        CortexConfig().with_(temperature=2)
+    with pytest.raises(ValueError, match="unknown CortexSetup field"):
+        CortexSetup().with_(temperature=2)
     with pytest.raises(TypeError, match="config must be a CortexConfig"):
         CortexGPT({"dim": 16}, VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):
-        CortexGPT(CortexConfig(**SMALL), 1)
-    model = _model(CortexConfig(**SMALL))
-    with pytest.raises(ValueError, match=r"\[batch, time\] long tensor"):
-        model(torch.zeros(4, 10))
-    assert dataclasses.is_dataclass(CortexConfig())
+        CortexGPT(CortexSetup.original(**SMALL).model, 1)
+    assert dataclasses.is_dataclass(CortexConfig()) and dataclasses.is_dataclass(CortexSetup())

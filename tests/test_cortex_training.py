@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from nested_lab.experiments import cortex_experiments as experiments
-from nested_lab.models.cortex import CortexConfig
+from nested_lab.experiments import cortexgpt_instability as instability
+from nested_lab.experiments import cortexgpt_stabilized as stabilized
 from nested_lab.optim.clipping import AdaptiveClipper
-from nested_lab.train import cortex as cortex_train
+from nested_lab.train import cortex_trainer as cortex_train
 from nested_lab.train import metrics
+from nested_lab.train.cortex_setup import CortexSetup
 from nested_lab.train.ema import WeightEMA
 from nested_lab.train.guards import SpikeGuard, same_state
 
@@ -102,7 +103,7 @@ def test_spike_guard_detects_and_checkpoints():
 # --- the trainer ---------------------------------------------------------------------------------
 
 def test_same_seed_same_numbers_on_cpu():
-    config = CortexConfig.solutions(**SMALL)
+    config = CortexSetup.solutions(**SMALL)
     a = cortex_train.train(config, seed=3, steps=6)
     b = cortex_train.train(config, seed=3, steps=6)
     assert a.losses == b.losses and a.val_bpc == b.val_bpc
@@ -111,7 +112,7 @@ def test_same_seed_same_numbers_on_cpu():
 
 
 def test_rollback_restores_exactly_the_saved_state():
-    trainer = cortex_train.CortexTrainer(CortexConfig.phase1(**SMALL, checkpoint_every=3), seed=0, steps=20)
+    trainer = cortex_train.CortexTrainer(CortexSetup.phase1(**SMALL, checkpoint_every=3), seed=0, steps=20)
     for _ in range(7):
         trainer.train_step()
     saved = trainer.guard.recovery
@@ -124,7 +125,7 @@ def test_rollback_restores_exactly_the_saved_state():
 
 @pytest.mark.parametrize("kind", ["nan", "lr_spike"])
 def test_faults_are_detected_and_the_run_completes(kind):
-    config = CortexConfig.phase1(**SMALL, checkpoint_every=5, lr=1e-3)
+    config = CortexSetup.phase1(**SMALL, checkpoint_every=5, lr=1e-3)
     run = cortex_train.train(config, seed=1, steps=30, faults=(cortex_train.Fault(20, kind),))
     assert run.rollbacks >= 1 and run.records["step"].iloc[-1] == 30
     assert math.isfinite(run.val_bpc)
@@ -132,14 +133,14 @@ def test_faults_are_detected_and_the_run_completes(kind):
 
 def test_nan_without_a_guard_stops_with_a_clear_error():
     with pytest.raises(FloatingPointError, match="enable spike_guard"):
-        cortex_train.train(CortexConfig.original(**SMALL), seed=0, steps=10, faults=(cortex_train.Fault(3, "nan"),))
-    run = cortex_train.train(CortexConfig.original(**SMALL), seed=0, steps=10, faults=(cortex_train.Fault(3, "nan"),),
+        cortex_train.train(CortexSetup.original(**SMALL), seed=0, steps=10, faults=(cortex_train.Fault(3, "nan"),))
+    run = cortex_train.train(CortexSetup.original(**SMALL), seed=0, steps=10, faults=(cortex_train.Fault(3, "nan"),),
                              stop_on_divergence=True)
     assert run.diverged and math.isinf(run.val_bpc)
 
 
 def test_evaluation_does_not_change_the_memories():
-    trainer = cortex_train.CortexTrainer(CortexConfig.original(**SMALL), seed=0, steps=10)
+    trainer = cortex_train.CortexTrainer(CortexSetup.original(**SMALL), seed=0, steps=10)
     for _ in range(3):
         trainer.train_step()
     before = trainer.model.memory_state()
@@ -148,8 +149,8 @@ def test_evaluation_does_not_change_the_memories():
 
 
 def test_separate_optimizer_uses_the_documents_name_rule():
-    model = cortex_train.CortexTrainer(CortexConfig.solutions(**SMALL), steps=10).model
-    main, memory = cortex_train.build_optimizers(model, CortexConfig.solutions(**SMALL))
+    model = cortex_train.CortexTrainer(CortexSetup.solutions(**SMALL), steps=10).model
+    main, memory = cortex_train.build_optimizers(model, CortexSetup.solutions(**SMALL).train)
     names = {id(p): n for n, p in model.named_parameters()}
     memory_names = {names[id(p)] for group in memory.param_groups for p in group["params"]}
     assert memory_names and all("memory" in n for n in memory_names)
@@ -158,12 +159,12 @@ def test_separate_optimizer_uses_the_documents_name_rule():
 
 
 def test_grouped_optimizer_multipliers_and_schedule():
-    config = CortexConfig.original(**SMALL)
+    config = CortexSetup.original(**SMALL)
     model = cortex_train.CortexTrainer(config, steps=10).model
-    (opt,) = cortex_train.build_optimizers(model, config)
+    (opt,) = cortex_train.build_optimizers(model, config.train)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == pytest.approx({"core": 3e-4, "stm": 6e-4, "ltm": 1.5e-4, "consolidator": 2.4e-4})
-    scheduler = cortex_train.build_scheduler(opt, config, steps=70)
+    scheduler = cortex_train.build_scheduler(opt, config.train, steps=70)
     seen = []
     for _ in range(40):
         seen.append(opt.param_groups[0]["lr"])
@@ -176,15 +177,17 @@ def test_grouped_optimizer_multipliers_and_schedule():
 def test_a_small_training_set_is_a_prefix_of_the_corpus():
     small = cortex_train.corpus(1_000)
     assert len(small.train) == 1_000 and torch.equal(small.train, cortex_train.corpus().train[:1_000])
-    run = cortex_train.train(CortexConfig.original(**SMALL, train_chars=1_000), seed=0, steps=5)
+    run = cortex_train.train(CortexSetup.original(**SMALL, train_chars=1_000), seed=0, steps=5)
     assert len(run.losses) == 5
 
 
 def test_bad_trainer_inputs():
+    with pytest.raises(TypeError, match="setup must be a CortexSetup"):
+        cortex_train.CortexTrainer(CortexSetup.original(**SMALL).model)
     with pytest.raises(ValueError, match="steps must be >= 4"):
-        cortex_train.CortexTrainer(CortexConfig.original(**SMALL), steps=2)
+        cortex_train.CortexTrainer(CortexSetup.original(**SMALL), steps=2)
     with pytest.raises(TypeError, match="steps must be an int"):
-        cortex_train.CortexTrainer(CortexConfig.original(**SMALL), steps=10.0)
+        cortex_train.CortexTrainer(CortexSetup.original(**SMALL), steps=10.0)
     with pytest.raises(ValueError, match="unknown fault"):
         cortex_train.Fault(3, "fire")
     with pytest.raises(ValueError, match="batch must be >= 0"):
@@ -192,28 +195,50 @@ def test_bad_trainer_inputs():
     with pytest.raises(TypeError, match="batch must be an int"):
         cortex_train.Fault(1.0, "nan")
     with pytest.raises(ValueError, match="at most one fault per batch"):
-        cortex_train.train(CortexConfig.original(**SMALL), steps=5,
+        cortex_train.train(CortexSetup.original(**SMALL), steps=5,
                            faults=(cortex_train.Fault(2, "nan"), cortex_train.Fault(2, "lr_spike")))
 
 
 def test_experiment_helpers_on_a_short_run():
-    run = cortex_train.train(CortexConfig.original(**SMALL), seed=0, steps=16)
-    assert experiments.tail_mean([run], "loss")[0] == pytest.approx(np.mean(run.losses[8:]))
-    assert list(experiments.quarter(range(10), 1)) == [2.0, 3.0]
+    run = cortex_train.train(CortexSetup.original(**SMALL), seed=0, steps=16)
+    assert instability.tail_mean([run], "loss")[0] == pytest.approx(np.mean(run.losses[8:]))
+    assert list(stabilized.quarter(range(10), 1)) == [2.0, 3.0]
     with pytest.raises(ValueError, match="quarter index"):
-        experiments.quarter(range(10), 4)
-    energy = experiments.memory_energy(run)
+        stabilized.quarter(range(10), 4)
+    energy = instability.memory_energy(run)
     assert len(energy) == 16 and np.all(energy > 0)
-    reactions = experiments.fault_reactions(run, {"none": cortex_train.Fault(8, "nan")})
+    assert instability.energy_growth(run) == pytest.approx(energy[-1] / energy[8])
+    assert 0 <= instability.energy_rising_fraction(run) <= 1 and instability.stm_growth_factor(run) > 0
+    assert instability.first_full_store([run], 8, 16) == [16]  # 8 entries after the first batch's 16 stores
+    reactions = stabilized.fault_reactions(run, {"none": cortex_train.Fault(8, "nan")})
     assert not reactions.loc["none", "rolled back"]
+    steps, smoothed = instability.smoothed_losses(run, window=4)
+    assert steps[0] == 1 and len(smoothed) == 16 and smoothed[3] == pytest.approx(np.mean(run.losses[:4]))
+    assert instability.oscillation_ratios([run]) == [run.summary()["oscillation_ratio"]]
+
+
+def test_ablation_helpers_reuse_runs_and_sign_the_effects():
+    setup = CortexSetup.original(**SMALL)
+    base = instability.run_seeds(setup, [0], 8)
+    ablated = instability.run_ablations(setup, {"warm restarts": {"schedule": "constant"}, "tiny": {"train_chars": 500}},
+                                        {"warm restarts"}, [0], 8, reuse={"without warm restarts": base})
+    assert list(ablated) == ["without warm restarts", "with tiny"] and ablated["without warm restarts"] is base
+    effect = instability.cause_effects([1.0], ablated, ["warm restarts", "tiny"], {"warm restarts"})
+    assert effect["warm restarts"][0] == pytest.approx(1.0 - base[0].summary()["oscillation_ratio"])
+    assert effect["tiny"][0] == pytest.approx(ablated["with tiny"][0].summary()["oscillation_ratio"] - 1.0)
+
+
+def test_rollback_check_of_chapter_3():
+    restored, best_kept, step = stabilized.rollback_is_exact(CortexSetup.phase1(**SMALL, checkpoint_every=3), 0, 16)
+    assert restored and best_kept and step == 6
 
 
 def test_restart_steps_and_step_time_ratios():
-    run = cortex_train.train(CortexConfig.original(**SMALL), seed=0, steps=35)
+    run = cortex_train.train(CortexSetup.original(**SMALL), seed=0, steps=35)
     # T_0 = 5, T_mult = 2: updates 1-5, 6-15 and 16-35 are the three cycles
-    assert experiments.restart_steps(run) == [6, 16]
-    ratios = experiments.step_time_ratios({"a": CortexConfig.original(**SMALL), "b": CortexConfig.phase1(**SMALL)},
-                                          "a", rounds=2, calls=1, warmup=0)
+    assert instability.restart_steps(run) == [6, 16]
+    ratios = stabilized.step_time_ratios({"a": CortexSetup.original(**SMALL), "b": CortexSetup.phase1(**SMALL)},
+                                         "a", rounds=2, calls=1, warmup=0)
     assert ratios["a"] == 1.0 and ratios["b"] > 0
     with pytest.raises(ValueError, match="reference"):
-        experiments.step_time_ratios({"a": CortexConfig.original(**SMALL)}, "b")
+        stabilized.step_time_ratios({"a": CortexSetup.original(**SMALL)}, "b")

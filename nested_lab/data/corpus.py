@@ -8,7 +8,7 @@ from pydoc_data.topics import topics
 
 import torch
 
-from nested_lab.parameters import check_ints_at_least, check_positive_ints
+from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 
 def stdlib_text() -> str:
@@ -26,8 +26,7 @@ class CharCorpus:
 
     @classmethod
     def from_text(cls, text: str, val_fraction: float = 0.1) -> CharCorpus:
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_range("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
         vocabulary = "".join(sorted(set(text)))
         index = {ch: i for i, ch in enumerate(vocabulary)}
         ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
@@ -36,9 +35,7 @@ class CharCorpus:
 
     def with_train_chars(self, count: int) -> CharCorpus:
         """The same corpus with only the first ``count`` training characters (a small training set)."""
-        check_ints_at_least(2, count=count)
-        if count > len(self.train):
-            raise ValueError(f"count must be in [2, {len(self.train)}], got {count}")
+        check_range("count", count, 2, len(self.train), integer=True)
         return CharCorpus(self.vocabulary, self.train[:count], self.val)
 
     @property
@@ -48,8 +45,7 @@ class CharCorpus:
     def batch(self, split: str, batch_size: int, context: int,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` random windows: inputs ``[B, context]`` and the next character ``[B]``."""
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        check_choice("split", split, ("train", "val"))
         check_positive_ints(batch_size=batch_size, context=context)
         ids = self.train if split == "train" else self.val
         starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=generator)

@@ -16,15 +16,18 @@ at e52aae1 (d = 768, 50k BPE vocabulary); the "stable" version is
 4. Logits ``Linear(d, V)``; after a training pass, consolidation
    (:mod:`nested_lab.memory.consolidation`).
 
-:class:`CortexConfig` holds every option of the model and of its training
-(:mod:`nested_lab.train.cortex`); ``original()``, ``solutions()`` (seed 001) and
-``phase1()`` (seed 003) bundle them, and every fix is a one-field change.
+:class:`CortexConfig` holds the architecture only, as nanoGPT's ``GPTConfig`` does;
+the training settings are :class:`~nested_lab.train.cortex_setup.CortexTrainConfig`,
+and the presets that bundle both (``original()``, ``solutions()``, ``phase1()``) are
+:class:`~nested_lab.train.cortex_setup.CortexSetup`'s.
+
+Shapes: B batch, T timesteps, N = B*T tokens, C columns, d width, V vocabulary.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,31 +38,20 @@ from nested_lab.memory.gates import GATES, MemoryGate
 from nested_lab.memory.ltm import LongTermMemory
 from nested_lab.memory.sparsity import SELECTIONS, select_tokens
 from nested_lab.memory.stm import ACCESS_COUNTS, STORAGES, ShortTermMemory
-from nested_lab.parameters import check_ints_at_least, check_numbers, check_positive_ints
+from nested_lab.parameters import check_choice, check_ints_at_least, check_positive_ints, check_range
 
 MEMORY_SCOPES = ("carried", "batch", "sequence")
-SCHEDULES = ("warm_restarts", "warmup_cosine", "constant")
-OPTIMIZERS = ("grouped", "separate")
-CLIPPINGS = ("global", "separate", "adaptive")
-LOSSES = ("cross_entropy", "regularised")
-_CHOICES = {"selection": SELECTIONS, "gate": GATES, "consolidation": CONSOLIDATIONS, "access_count": ACCESS_COUNTS,
-            "stm_storage": STORAGES, "memory_scope": MEMORY_SCOPES, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
-            "clipping": CLIPPINGS, "loss": LOSSES}
-_POSITIVE_INTS = ("dim", "columns", "stm_capacity", "ltm_code_dim", "ltm_top_k", "consolidation_interval",
-                  "consolidation_threshold", "batch_size", "context", "checkpoint_every")
-_POSITIVE_FLOATS = ("selection_tau", "gate_temperature", "lr", "clip", "memory_clip", "memory_lr_factor",
-                    "position_decay")
+MAX_POSITIONS = 4096  # length of the position encoding: the longest sequence the model reads
+_CHOICES = {"selection": SELECTIONS, "gate": GATES, "consolidation": CONSOLIDATIONS,
+            "access_count": ACCESS_COUNTS, "stm_storage": STORAGES, "memory_scope": MEMORY_SCOPES}
+_POSITIVE = ("selection_tau", "gate_temperature", "position_decay")
 
 
 @dataclass(frozen=True)
 class CortexConfig:
-    """Every knob of the replica and its training; the defaults are the original's.
+    """The replica's architecture; the defaults are the original's, its sizes scaled to a CPU
+    (the original: d = 768, LTM code 256; here d = 64, LTM code 32)."""
 
-    Sizes are scaled to a CPU (the original: d = 768, batch 32, LTM code 256; here
-    d = 64, batch 8, context 64, LTM code 32).
-    """
-
-    # model
     dim: int = 64
     columns: int = 16
     active_fraction: float = 0.05
@@ -85,121 +77,23 @@ class CortexConfig:
     output_norm: bool = False
     layer_norms: bool = False
     logit_softcap: float | None = None
-    # training
-    batch_size: int = 8
-    context: int = 64
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    group_lr_multipliers: bool = True
-    optimizer: str = "grouped"
-    memory_lr_factor: float = 0.1
-    schedule: str = "warm_restarts"
-    restart_fraction: float = 1 / 7
-    warmup_fraction: float = 0.1
-    clipping: str = "global"
-    clip: float = 1.0
-    memory_clip: float = 0.5
-    ema_decay: float | None = None
-    loss: str = "cross_entropy"
-    spike_guard: bool = False
-    spike_factor: float = 5.0
-    checkpoint_every: int = 25
-    train_chars: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        check_positive_ints(**{name: getattr(self, name) for name in _POSITIVE_INTS})
-        if self.dim < 4:
-            raise ValueError(f"dim must be >= 4 (the LTM compressor halves it twice), got {self.dim}")
-        _in_range("active_fraction", self.active_fraction, 0, 1, low_open=True)
-        _in_range("consolidation_probability", self.consolidation_probability, 0, 1)
-        _in_range("restart_fraction", self.restart_fraction, 0, 1, low_open=True)
-        _in_range("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True)
-        _in_range("residual_weight", self.residual_weight, 0, 10)
-        for name in _POSITIVE_FLOATS:
-            _in_range(name, getattr(self, name), 0, math.inf, low_open=True, high_open=True)
-        _in_range("spike_factor", self.spike_factor, 1, math.inf, low_open=True, high_open=True)
-        _in_range("weight_decay", self.weight_decay, 0, math.inf, high_open=True)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+            check_choice(name, getattr(self, name), allowed)
+        check_range("dim", self.dim, 4, integer=True)  # the LTM compressor halves it twice
+        check_positive_ints(columns=self.columns, stm_capacity=self.stm_capacity, ltm_code_dim=self.ltm_code_dim,
+                            ltm_top_k=self.ltm_top_k, consolidation_interval=self.consolidation_interval,
+                            consolidation_threshold=self.consolidation_threshold)
+        check_range("active_fraction", self.active_fraction, 0, 1, low_open=True)
+        check_range("consolidation_probability", self.consolidation_probability, 0, 1)
+        check_range("residual_weight", self.residual_weight, 0, 10)
+        for name in _POSITIVE:
+            check_range(name, getattr(self, name), 0, low_open=True)
+        if self.stm_decay is not None:
+            check_range("stm_decay", self.stm_decay, 0, 1, low_open=True, high_open=True)
         if self.logit_softcap is not None:
-            _in_range("logit_softcap", self.logit_softcap, 0, math.inf, low_open=True, high_open=True)
-        if self.train_chars is not None:  # None: the whole corpus
-            check_positive_ints(train_chars=self.train_chars)
-            if self.train_chars < self.context + 2:
-                raise ValueError(f"train_chars must be None or >= context + 2 = {self.context + 2} "
-                                 f"(one window and its next character), got {self.train_chars}")
-        for name in ("stm_decay", "ema_decay"):
-            value = getattr(self, name)
-            if value is not None:
-                _in_range(name, value, 0, 1, low_open=True, high_open=True)
-
-    @classmethod
-    def original(cls, **overrides) -> CortexConfig:
-        """``cortex_gpt.py`` and its trainer, as the phase-1 summary says it was run (lr 3e-4)."""
-        return cls(**overrides)
-
-    @classmethod
-    def solutions(cls, without: str | None = None, **overrides) -> CortexConfig:
-        """Every fix of the solutions document (seed 001), optionally ``without`` one of them."""
-        return cls(**{**_bundle(SOLUTION_FIXES, without), **overrides})
-
-    @classmethod
-    def phase1(cls, without: str | None = None, **overrides) -> CortexConfig:
-        """Every improvement of the phase-1 summary (seed 003), optionally ``without`` one of them."""
-        return cls(**{**_bundle(PHASE1_FIXES, without), **overrides})
-
-    def with_(self, **changes) -> CortexConfig:
-        """A copy with some fields changed: a fix or an ablation is a one-field change."""
-        known = {f.name for f in fields(self)}
-        if unknown := sorted(set(changes) - known):
-            raise ValueError(f"unknown CortexConfig field(s) {unknown}; known: {sorted(known)}")
-        return replace(self, **changes)
-
-
-# The fixes of each document, by name, as field values.
-SOLUTION_FIXES: dict[str, dict] = {
-    "temperature gate": {"gate": "temperature_softmax"},  # 1. learned temperature, bias, "residual"
-    "Gumbel top-k 15%": {"selection": "gumbel_topk", "selection_tau": 0.1, "active_fraction": 0.15},  # 2.
-    "gradual consolidation": {"consolidation": "gradual"},  # 3. at intervals, through a transfer gate
-    "norms and residual": {"memory_norm": True, "residual_weight": 1.0, "output_norm": True},  # 4.
-    "regularised loss": {"loss": "regularised"},  # 5. label smoothing, gate and sparsity terms
-    "separate memory optimizer": {"optimizer": "separate", "clipping": "separate"},  # 6. lr x0.1, clip 0.5
-    "EMA 0.999": {"ema_decay": 0.999},  # 6. EMA of the weights
-    "decaying buffer": {"stm_decay": 0.95},  # 7. bounded memory buffer with decay
-}
-PHASE1_FIXES: dict[str, dict] = {
-    "stop-gradient": {"stop_gradient": True},  # 1. on memory retrieval
-    "memory storage fix": {"stm_storage": "row"},  # technical details: one STM entry per row
-    "residual 0.1 and LayerNorms": {"residual_weight": 0.1, "layer_norms": True},  # 1.
-    "spike rollback": {"spike_guard": True},  # 2. > 5x average, recovery checkpoints
-    "interval consolidation": {"consolidation": "interval"},  # 2. structured consolidation
-    "adaptive clipping": {"clipping": "adaptive"},  # 3. > 3x average: 10x tighter
-    "sigmoid gate": {"gate": "temperature_sigmoid"},  # 4. temperature-controlled sigmoid
-    "phase-1 training config": {"lr": 1e-4, "betas": (0.9, 0.98), "clip": 0.5, "schedule": "warmup_cosine",
-                                "warmup_fraction": 0.1, "weight_decay": 0.1},  # 5.
-}
-
-
-def _bundle(fixes: dict[str, dict], without: str | None) -> dict:
-    if without is not None and without not in fixes:
-        raise ValueError(f"unknown fix {without!r}; the fixes are: {', '.join(fixes)}")
-    return {field: value for name, fields_ in fixes.items() if name != without for field, value in fields_.items()}
-
-
-def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False,
-              high_open: bool = False) -> None:
-    check_numbers(**{name: value})
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+            check_range("logit_softcap", self.logit_softcap, 0, low_open=True)
 
 
 @dataclass
@@ -272,11 +166,10 @@ class CortexGPT(nn.Module):
                 self.memory_scale = nn.Parameter(torch.ones(3))
             if config.output_norm:
                 self.output_norm = nn.LayerNorm(d)
-        self.register_buffer("positions", _damped_positions(4096, d, config.position_decay), persistent=False)
+        self.register_buffer("positions", _damped_positions(MAX_POSITIONS, d, config.position_decay), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> CortexOutput:
-        if tokens.ndim != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"tokens must be a [batch, time] long tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        """``tokens`` ``[B, T]`` (long, T <= ``MAX_POSITIONS``) -> logits and what the chapters measure."""
         batch, steps = tokens.shape
         current, column_weights = self._columns(self.embed(tokens).reshape(batch * steps, -1))
         current = current.view(batch, steps, -1)
@@ -290,10 +183,7 @@ class CortexGPT(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding plus the damped position encoding, ``[B, T, d]``: the columns' input."""
-        steps = tokens.shape[1]
-        if steps > len(self.positions):
-            raise ValueError(f"sequence length {steps} exceeds the {len(self.positions)} encoded positions")
-        x = self.embedding(tokens) + self.positions[:steps]
+        x = self.embedding(tokens) + self.positions[: tokens.shape[1]]
         return self.input_norm(x) if self.config.layer_norms else x
 
     def _columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from nested_lab.parameters import check_range
+
 
 class WeightEMA:
     """EMA copies of ``model``'s parameters, started at their current values."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, ramp: bool = True) -> None:
-        if not 0 < decay < 1:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        check_range("decay", decay, 0, 1, low_open=True, high_open=True)
         self.decay, self.ramp, self.updates = decay, ramp, 0
         self.names = [name for name, _ in model.named_parameters()]
         self.params = [p.detach().clone() for p in model.parameters()]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_positive_ints, check_range
 
 
 @dataclass
@@ -37,9 +37,7 @@ class SpikeGuard:
     """Detects loss spikes and holds the recovery and best checkpoints."""
 
     def __init__(self, factor: float = 5.0, window: int = 50, warmup: int = 10, checkpoint_every: int = 25) -> None:
-        check_numbers(factor=factor)
-        if not factor > 1:
-            raise ValueError(f"spike factor must be > 1, got {factor}")
+        check_range("factor", factor, 1, low_open=True)
         check_positive_ints(window=window, warmup=warmup, checkpoint_every=checkpoint_every)
         self.factor, self.warmup, self.checkpoint_every = factor, warmup, checkpoint_every
         self.losses: deque[float] = deque(maxlen=window)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_numbers, check_positive_ints, check_range
 
 
 def second_half(values: Sequence[float]) -> np.ndarray:
@@ -83,8 +83,7 @@ def autocorrelation(losses: Sequence[float], lag: int) -> float:
     """Autocorrelation at ``lag`` steps of the changes ``l[t+1] - l[t]`` of the second-half loss."""
     check_positive_ints(lag=lag)
     changes = np.diff(second_half(losses))
-    if not 1 <= lag < len(changes) - 1:
-        raise ValueError(f"lag must be in [1, {len(changes) - 1}), got {lag}")
+    check_range("lag", lag, high=len(changes) - 2, integer=True)
     centred = changes - changes.mean()
     return float((centred[lag:] * centred[:-lag]).sum() / (centred**2).sum())
 

@@ -1,5 +1,5 @@
 """Training CortexGPT on the stdlib character corpus, with every option of
-:class:`~nested_lab.models.cortex.CortexConfig` (chapters 2 and 3).
+:class:`~nested_lab.train.cortex_setup.CortexTrainConfig` (chapters 2 and 3).
 
 The original trainer (``cortexgpt/training/train_cortex_gpt.py`` at e52aae1):
 AdamW with per-group learning-rate multipliers (STM x2, LTM x0.5, consolidator
@@ -15,11 +15,12 @@ optimizers and clipping for memory parameters, adaptive clipping, EMA of the
 weights (``torch.optim.swa_utils``), warm-up and cosine decay, the regularised
 loss, and loss-spike rollback (:mod:`nested_lab.train.guards`).
 
-:class:`CortexTrainer` runs one (config, seed); :func:`train` runs it for a
+:class:`CortexTrainer` runs one (setup, seed); :func:`train` runs it for a
 number of optimizer steps and returns a :class:`CortexRun` with one record per
 batch. Records stream into a :class:`~nested_lab.train.metrics.MetricStream`,
 so a live dashboard can watch a run. The experiments of the chapters (many
-seeds, tables, timings) are in :mod:`nested_lab.experiments.cortex_experiments`.
+seeds, tables, timings) are in :mod:`nested_lab.experiments.cortexgpt_instability`
+and :mod:`nested_lab.experiments.cortexgpt_stabilized`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from torch.func import functional_call
 from nested_lab import runtime
 from nested_lab.data.corpus import CharCorpus, stdlib_text
 from nested_lab.memory.gates import gate_entropy
-from nested_lab.models.cortex import CortexConfig, CortexGPT, CortexOutput
+from nested_lab.models.cortex import CortexGPT, CortexOutput
 from nested_lab.optim.clipping import AdaptiveClipper
-from nested_lab.parameters import check_ints_at_least, check_numbers
+from nested_lab.parameters import check_choice, check_ints_at_least, check_range
 from nested_lab.train import metrics
+from nested_lab.train.cortex_setup import CortexSetup, CortexTrainConfig
 from nested_lab.train.ema import WeightEMA
 from nested_lab.train.guards import SpikeGuard
 
@@ -71,15 +73,12 @@ class Fault:
     scale: float = 1e5
 
     def __post_init__(self) -> None:
-        if self.kind not in FAULTS:
-            raise ValueError(f"unknown fault {self.kind!r}; allowed: {', '.join(FAULTS)}")
+        check_choice("fault", self.kind, FAULTS)
         check_ints_at_least(0, batch=self.batch)
-        check_numbers(scale=self.scale)
-        if not self.scale > 0:
-            raise ValueError(f"fault scale must be > 0, got {self.scale!r}")
+        check_range("scale", self.scale, 0, low_open=True)
 
 
-def build_optimizers(model: CortexGPT, cfg: CortexConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: CortexGPT, cfg: CortexTrainConfig) -> list[torch.optim.Optimizer]:
     """One grouped AdamW (the original), or the solutions document's two: parameters whose
     name contains "memory" at ``lr * memory_lr_factor`` and weight decay 0.001, the rest at ``lr``."""
     if cfg.optimizer == "separate":
@@ -94,7 +93,7 @@ def build_optimizers(model: CortexGPT, cfg: CortexConfig) -> list[torch.optim.Op
     return [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: CortexConfig, steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: CortexTrainConfig, steps: int):
     """Per-batch learning-rate schedule; None for ``"constant"``."""
     if cfg.schedule == "warm_restarts":
         period = max(1, round(steps * cfg.restart_fraction))
@@ -111,33 +110,37 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: CortexConfig, steps: 
     return None
 
 
-def training_loss(out: CortexOutput, targets: torch.Tensor, cfg: CortexConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(out: CortexOutput, targets: torch.Tensor, loss: str, active_fraction: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimise, plain cross-entropy in nats). ``"regularised"`` is the solutions
     document's: label smoothing 0.1, ``+ 0.1 * mean((g_t - g_{t-1})^2)``,
     ``+ 0.05 * (2 - H)`` with ``H = -mean(g log g)`` over all gate entries, and
     ``+ 0.1 * (mean column weight - active_fraction)^2``."""
     logits, labels = out.logits.flatten(0, 1), targets.flatten()
     cross_entropy = F.cross_entropy(logits, labels)
-    if cfg.loss == "cross_entropy":
+    if loss == "cross_entropy":
         return cross_entropy, cross_entropy
     gates = out.gates
     smoothness = ((gates[:, 1:] - gates[:, :-1]) ** 2).mean()
     entropy = -(gates * (gates + 1e-8).log()).mean()
-    sparsity = (out.column_weights.mean() - cfg.active_fraction) ** 2
+    sparsity = (out.column_weights.mean() - active_fraction) ** 2
     total = (F.cross_entropy(logits, labels, label_smoothing=0.1) + 0.1 * smoothness + 0.05 * (2.0 - entropy)
              + 0.1 * sparsity)
     return total, cross_entropy
 
 
 class CortexTrainer:
-    """One training run of one configuration and seed, step by step."""
+    """One training run of one setup and seed, step by step."""
 
-    def __init__(self, config: CortexConfig, seed: int = 0, steps: int = 500,
+    def __init__(self, setup: CortexSetup, seed: int = 0, steps: int = 500,
                  stream: metrics.MetricStream | None = None) -> None:
+        if not isinstance(setup, CortexSetup):
+            raise TypeError(f"setup must be a CortexSetup, got {type(setup).__name__}")
         check_ints_at_least(4, steps=steps)
-        self.config, self.seed, self.steps = config, seed, steps
+        self.setup, self.seed, self.steps = setup, seed, steps
+        config = setup.train
         self.device = runtime.device()
-        self.model = CortexGPT(config, corpus().vocab_size, seed).to(self.device)
+        self.model = CortexGPT(setup.model, corpus().vocab_size, seed).to(self.device)
         self.optimizers = build_optimizers(self.model, config)
         self.schedulers = [build_scheduler(opt, config, steps) for opt in self.optimizers]
         self.clipper = AdaptiveClipper(config.clip) if config.clipping == "adaptive" else None
@@ -156,7 +159,7 @@ class CortexTrainer:
     def train_step(self, fault: Fault | None = None) -> dict:
         """Train on the next batch; returns its record (also appended to the stream)."""
         start = time.perf_counter()
-        cfg = self.config
+        cfg = self.setup.train
         lr = self.optimizers[0].param_groups[0]["lr"]  # the rate this batch trains at
         inputs, targets = corpus(cfg.train_chars).sequences("train", cfg.batch_size, cfg.context, self.data)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
@@ -167,7 +170,7 @@ class CortexTrainer:
             out = self.model(inputs)
             if fault is not None and fault.kind == "corrupt_batch":
                 targets = out.logits.detach().argmin(dim=-1)
-            loss, cross_entropy = training_loss(out, targets, cfg)
+            loss, cross_entropy = training_loss(out, targets, cfg.loss, self.setup.model.active_fraction)
         if measure:
             self.activation_bytes = saved.bytes
         self.batches += 1
@@ -195,7 +198,7 @@ class CortexTrainer:
                 self.model.output_proj.weight.view(-1)[0] = float("nan")
 
     def _clip(self) -> dict:
-        cfg, params = self.config, list(self.model.parameters())
+        cfg, params = self.setup.train, list(self.model.parameters())
         if self.clipper:
             norm, threshold = self.clipper(params)
             return {"grad_norm": norm, "clip": threshold}
@@ -284,7 +287,7 @@ class CortexTrainer:
     def evaluate(self, batches: int = VAL_BATCHES) -> float:
         """Validation bits per character on fixed batches, with the EMA weights when there are
         any; the memories are restored afterwards, so evaluating does not change training."""
-        cfg, model = self.config, self.model
+        cfg, model = self.setup.train, self.model
         state = model.memory_state()
         params = self.ema.as_dict() if self.ema is not None else None
         gen = runtime.generator(54_321)
@@ -321,7 +324,7 @@ class CortexTrainer:
 class CortexRun:
     """The result of :func:`train`."""
 
-    config: CortexConfig
+    setup: CortexSetup
     seed: int
     steps: int
     records: pd.DataFrame
@@ -353,7 +356,7 @@ class CortexRun:
                 "rollbacks": self.rollbacks, "ltm_rows": self.ltm_rows, "seconds": self.seconds}
 
 
-def train(config: CortexConfig, seed: int = 0, steps: int = 500, faults: tuple[Fault, ...] = (),
+def train(setup: CortexSetup, seed: int = 0, steps: int = 500, faults: tuple[Fault, ...] = (),
           stream: metrics.MetricStream | None = None, progress: bool = False,
           stop_on_divergence: bool = False) -> CortexRun:
     """Train until ``steps`` optimizer steps are applied (a rollback sends the count back).
@@ -364,7 +367,7 @@ def train(config: CortexConfig, seed: int = 0, steps: int = 500, faults: tuple[F
     by_batch = {f.batch: f for f in faults}
     if len(by_batch) != len(faults):
         raise ValueError(f"at most one fault per batch, got batches {[f.batch for f in faults]}")
-    trainer = CortexTrainer(config, seed, steps, stream)
+    trainer = CortexTrainer(setup, seed, steps, stream)
     bar = runtime.progress(total=steps, desc=f"seed {seed}", leave=False) if progress else None
     diverged = False
     while trainer.step_count < steps:
@@ -382,7 +385,7 @@ def train(config: CortexConfig, seed: int = 0, steps: int = 500, faults: tuple[F
             bar.update(trainer.step_count - bar.n)
     if bar is not None:
         bar.close()
-    return CortexRun(config, seed, steps, trainer.stream.frame, math.inf if diverged else trainer.evaluate(),
+    return CortexRun(setup, seed, steps, trainer.stream.frame, math.inf if diverged else trainer.evaluate(),
                      trainer.seconds, trainer.state_bytes(), trainer.activation_bytes,
                      trainer.guard.rollbacks if trainer.guard else 0,
                      trainer.clipper.spikes if trainer.clipper else 0,
