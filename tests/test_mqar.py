@@ -1,8 +1,6 @@
-"""Multi-query associative recall: the data, the small models and their training."""
+"""Multi-query associative recall: the data, the small models, their settings and their training."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 import torch
@@ -15,22 +13,17 @@ from nested_lab.data.mqar import (
     mqar_batch,
     query_positions,
 )
-from nested_lab.models.mqar import (
-    MIXERS,
-    MQARConfig,
-    build_model,
-    future_leakage,
-    mqar_accuracy,
-    mqar_loss,
-    train_mqar,
-)
+from nested_lab.experiments import titan_self_modification as chapter
+from nested_lab.experiments.titan_self_modification import future_leakage
+from nested_lab.models.mqar import MIXERS, MQARModel, MQARModelConfig, build_model
 from nested_lab.models.self_modifying import SelfModifyingLinear
+from nested_lab.train.mqar import MQARSetup, MQARTraining, mqar_accuracy, mqar_loss, train_mqar
 
 B, L, N, V = 64, 40, 5, 32
-EASY = MQARConfig(mixer="attention", seq_len=16, pairs=2, vocab=16, dim=32, lr=3e-3, steps=400,
-                  eval_examples=256)
-TINY = MQARConfig(dim=16, heads=2, vocab=16, seq_len=16, pairs=2, steps=3, batch_size=4, eval_examples=8,
-                  chunk_size=4)
+EASY = MQARSetup.of(mixer="attention", seq_len=16, pairs=2, vocab=16, dim=32, lr=3e-3, steps=400,
+                    eval_examples=256)
+TINY = MQARSetup.of(dim=16, heads=2, vocab=16, seq_len=16, pairs=2, steps=3, batch_size=4, eval_examples=8,
+                    chunk_size=4)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,8 +105,7 @@ def test_generator_is_required():
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_every_mixer_gives_logits_and_trains(mixer):
-    config = replace(TINY, mixer=mixer)
-    model = build_model(config, seed=0)
+    model = build_model(TINY.replace(mixer=mixer).model, seed=0)
     inputs, targets = mqar_batch(4, 16, 2, 16, runtime.generator(0))
     logits = model(inputs)
     assert logits.shape == (4, 16, 16)
@@ -127,17 +119,17 @@ def test_every_mixer_gives_logits_and_trains(mixer):
     ("delta", True, False), ("titans", True, False),
 ])
 def test_future_leakage(mixer, causal, leaks):
-    model = build_model(replace(TINY, mixer=mixer, causal=causal), seed=0)
+    model = build_model(TINY.replace(mixer=mixer, causal=causal).model, seed=0)
     inputs, _ = mqar_batch(4, 16, 2, 16, runtime.generator(1))
     leakage = future_leakage(model, inputs, position=7)
     assert (leakage > 1e-4) if leaks else (leakage < 1e-5)
 
 
 def test_self_modifying_model_applies_its_updates_after_each_step():
-    result = train_mqar(replace(TINY, mixer="self_modifying"), seed=0, show_progress=False)
+    result = train_mqar(TINY.replace(mixer="self_modifying"), seed=0, show_progress=False)
     layers = [m for m in result.model.modules() if isinstance(m, SelfModifyingLinear)]
-    assert len(layers) == 4 * TINY.layers
-    assert all(layer.pending_updates == [] and int(layer.update_count) == TINY.steps for layer in layers)
+    assert len(layers) == 4 * TINY.model.layers
+    assert all(layer.pending_updates == [] and int(layer.update_count) == TINY.training.steps for layer in layers)
     inputs, targets = mqar_batch(4, 16, 2, 16, runtime.generator(1))
     mqar_accuracy(result.model, inputs, targets)
     assert all(layer.pending_updates == [] for layer in layers)  # evaluation does not self-modify
@@ -148,7 +140,7 @@ def test_training_is_deterministic_under_a_seed():
     other = train_mqar(TINY, seed=6, show_progress=False)
     assert first.losses == again.losses and first.accuracy == again.accuracy
     assert first.losses != other.losses
-    assert len(first.losses) == TINY.steps and first.seconds > 0
+    assert len(first.losses) == TINY.training.steps and first.seconds > 0
 
 
 def test_accuracy_counts_only_query_positions():
@@ -187,23 +179,28 @@ def test_two_layer_attention_learns_an_easy_recall():
     ({"steps": 10.0}, TypeError, "steps must be an int"),
     ({"warmup_steps": -1}, ValueError, "warmup_steps must be >= 0"),
     ({"weight_decay": "0"}, TypeError, "weight_decay must be a number"),
-    ({"lr": 0.0}, ValueError, "lr must be > 0"),
+    ({"lr": 0.0}, ValueError, "lr must be finite and > 0"),
     ({"seq_len": 8, "pairs": 3}, ValueError, "too short for 3 pairs"),
+    ({"optimizer": "sgd"}, ValueError, r"unknown MQAR fields \['optimizer'\]"),
 ])
 def test_bad_configs_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
-        MQARConfig(**kwargs)
+        MQARSetup.of(**kwargs)
 
 
-def test_bad_model_inputs_raise():
-    model = build_model(TINY, seed=0)
-    with pytest.raises(TypeError, match="LongTensor"):
-        model(torch.zeros(2, 8))
-    with pytest.raises(ValueError, match=r"1 <= time <= 16"):
-        model(torch.zeros(2, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
-        model(torch.full((2, 8), 16, dtype=torch.long))
-    with pytest.raises(ValueError, match="position must lie in"):
+def test_a_setup_routes_each_field_to_its_config():
+    setup = MQARSetup.of(mixer="delta", lr=3e-3, pairs=2)
+    assert setup.model == MQARModelConfig(mixer="delta") and setup.training == MQARTraining(lr=3e-3, pairs=2)
+    assert setup.replace(dim=32).model.dim == 32 and setup.replace(dim=32).training == setup.training
+    with pytest.raises(TypeError, match="MQARModelConfig and an MQARTraining"):
+        MQARSetup(MQARTraining(), MQARModelConfig())
+    with pytest.raises(TypeError, match="config must be an MQARModelConfig"):
+        MQARModel(setup)
+
+
+def test_future_leakage_needs_a_token_after_the_position():
+    model = build_model(TINY.model, seed=0)
+    with pytest.raises(ValueError, match=r"position must be in \[0, 6\], got 7"):
         future_leakage(model, torch.zeros(2, 8, dtype=torch.long), position=7)
 
 
@@ -229,3 +226,19 @@ def test_elimination_accuracy():
         elimination_accuracy(0)
     with pytest.raises(TypeError, match="pairs must be an int"):
         elimination_accuracy(2.0)
+
+
+def test_a_sweep_trains_every_setup_and_the_probes_read_the_best_runs():
+    mixers = {"attention": {"mixer": "attention"}, "unmasked": {"mixer": "attention", "causal": False}}
+    small = {"vocab": 16, "dim": 16, "heads": 2, "steps": 3, "batch_size": 4, "eval_examples": 8}
+    runs, table = chapter.mqar_sweep(mixers, [(16, 2)], [1e-3, 3e-3], seed=0, **small)
+    assert list(runs) == [(name, 16, 2, lr) for name in mixers for lr in (1e-3, 3e-3)]
+    assert table.columns.tolist() == ["model", "setting", "lr", "accuracy", "seconds"]
+    best = chapter.best_per_setting(table)
+    assert best["model"].tolist() == list(mixers) and set(best["setting"]) == {"L=16, N=2"}
+    best_runs = {row.model: runs[row.model, 16, 2, row.lr] for row in best.itertuples()}
+    reading = chapter.reading_probes(best_runs, (16, 2), 16, seed=7)
+    assert reading.index.tolist() == list(mixers)
+    assert reading.iloc[0, 0] < 1e-5 < reading.iloc[1, 0]  # only the unmasked model reads ahead
+    with pytest.raises(ValueError, match="too short for 3 pairs"):
+        chapter.mqar_sweep(mixers, [(16, 2), (8, 3)], [1e-3], seed=0, **small)  # checked before any run

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nested_lab import runtime
-from nested_lab.experiments.recall import (
+from nested_lab.experiments import titan_self_modification as capacity
+from nested_lab.experiments.titan_self_modification import (
     CURVE_COLUMNS,
     capacity_curve,
     random_pairs,
@@ -117,3 +118,26 @@ def test_capacity_curve_table():
 def test_bad_inputs_raise(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_curves_of_named_rules_their_summaries_and_the_forgetting_grid():
+    rules = {"delta rule": ("delta", {}), "Titans, linear": ("titans", {"depth": 1, "theta": 0.25})}
+    counts = capacity.load_counts(8, loads=(0.25, 0.5, 4))
+    assert counts == [2, 4, 32]
+    curves = capacity.capacity_curves(rules, counts, 8, seeds=[0, 1])
+    assert list(curves["name"].unique()) == list(rules) and len(curves) == 12
+    summary = capacity.recall_summary(curves)
+    assert list(summary.index) == list(rules) and summary.loc["delta rule", ("top1", 0.25)] == 1.0
+    assert capacity.low_load_top1(curves, "delta rule").to_dict() == {0: 1.0, 1: 1.0}
+    assert capacity.low_load_chance(curves) == pytest.approx(0.5)
+    reference = ("delta rule", curves[curves["name"] == "delta rule"])
+    grid = capacity.forgetting_grid({"Titans, linear": rules["Titans, linear"]}, counts, 8, [0], [0.0, 0.1], reference)
+    assert list(grid) == [0.0, 0.1] and list(grid[0.1]) == ["Titans, linear", "delta rule"]
+    loads, top1 = grid[0.0]["delta rule"]
+    assert loads == [0.25, 0.5, 4.0] and top1[0] == 1.0
+    assert grid[0.1]["Titans, linear"][1][-1] != grid[0.0]["Titans, linear"][1][-1]  # forgetting changes recall
+
+
+def test_the_seed_rule_rate_is_checked_where_it_enters():
+    with pytest.raises(ValueError, match="lr must be finite and >= 0"):
+        capacity.capacity_curve("seed", [4], DIM, [0], lr=-0.1)

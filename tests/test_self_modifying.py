@@ -87,21 +87,6 @@ def test_each_variant_skips_below_its_own_threshold():
     assert (int(in_forward.update_count), len(deferred.pending_updates)) == (0, 1)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"inputs": _rand(3, 5)}, ValueError, r"\[\.\.\., 6\]"),
-    ({"weight": _rand(6)}, ValueError, "weight must have shape"),
-    ({"lr": -0.1}, ValueError, "lr must be finite and >= 0"),
-    ({"lr": float("nan")}, ValueError, "lr must be finite and >= 0"),
-    ({"lr": "0.1"}, TypeError, "lr must be a number"),
-    ({"inputs": _rand(3, 6, dtype=torch.float64)}, TypeError, "dtype"),
-    ({"eps": 0.0}, ValueError, "eps must be a number > 0"),
-])
-def test_update_rejects_bad_inputs(kwargs, error, match):
-    arguments = {"weight": _rand(4, 6), "inputs": _rand(3, 6), "lr": 0.1, **kwargs}
-    with pytest.raises(error, match=match):
-        self_modifying_update(**arguments)
-
-
 # --- the layer's two variants -------------------------------------------------------------------
 
 def test_layer_output_is_the_linear_map_before_the_update():
@@ -169,6 +154,7 @@ def test_deferred_updates_are_applied_in_order_then_clamped():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"update": "eager"}, "unknown update 'eager'"),
     ({"self_mod_lr": -1e-3}, "lr must be finite and >= 0"),
+    ({"self_mod_lr": float("nan")}, "lr must be finite and >= 0"),
     ({"in_features": 0}, "in_features must be >= 1"),
 ])
 def test_layer_rejects_bad_options(kwargs, match):
@@ -180,15 +166,11 @@ def test_layer_rejects_bad_options(kwargs, match):
     (lambda: SelfModifyingLinear(6.0, 4), "in_features must be an int"),
     (lambda: DeltaRuleLayer(16, chunk_size=8.0), "chunk_size must be an int"),
     (lambda: TitansLayer(16, theta_max="0.1"), "theta_max must be a number"),
+    (lambda: SelfModifyingLinear(6, 4, self_mod_lr="0.1"), "self_mod_lr must be a number"),
 ])
 def test_non_numeric_options_raise_type_error(make, match):
     with pytest.raises(TypeError, match=match):
         make()
-
-
-def test_layer_rejects_an_input_of_another_dtype():
-    with pytest.raises(TypeError, match=r"input must be torch\.float32 on cpu like the weight, got torch\.float64"):
-        _linear()(_rand(2, 6, dtype=torch.float64))
 
 
 # --- the Titan and the attention --------------------------------------------------------------
@@ -331,21 +313,13 @@ def test_titans_layer_memory_is_drawn_under_the_seed():
     (lambda: DeltaRuleLayer(10, num_heads=4), r"divisible by num_heads"),
     (lambda: DeltaRuleLayer(16, chunk_size=0), "chunk_size must be >= 1"),
     (lambda: TitansLayer(16, chunk_size=0), "chunk_size must be >= 1"),
-    (lambda: TitansLayer(16, theta_max=0.0), "theta_max must be a number > 0"),
+    (lambda: TitansLayer(16, theta_max=0.0), "theta_max must be finite and > 0"),
     (lambda: TitansLayer(16, gate_biases=(0.0, 0.0)), "three numbers"),
     (lambda: TitansLayer(16, gate_biases=0.5), "three numbers"),
 ])
 def test_counterparts_reject_bad_options(make, match):
     with pytest.raises(ValueError, match=match):
         make()
-
-
-def test_mixers_reject_a_wrong_input_width():
-    with runtime.seeded(0):
-        mixers = [DeltaRuleLayer(16), TitansLayer(16), SelfModifyingAttention(16, 4)]
-    for mixer in mixers:
-        with pytest.raises(ValueError, match=r"\[batch, time, 16\]"):
-            mixer(_rand(2, 5, 8))
 
 
 def test_layers_move_between_dtypes_like_any_module():

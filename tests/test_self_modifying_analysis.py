@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nested_lab import runtime
-from nested_lab.experiments import self_modifying_analysis as analysis
+from nested_lab.experiments import titan_self_modification as analysis
 from nested_lab.models.self_modifying import SelfModifyingLinear
 
 
@@ -50,7 +50,7 @@ def test_same_size_changes_match_the_requested_size():
     weight = torch.randn(30, 20, generator=runtime.generator(0))
     for changed in analysis.same_size_changes(weight, 1e-3, seed=0).values():
         assert float((changed - weight).abs().mean()) == pytest.approx(1e-3, rel=0.1)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="change must be finite and > 0"):
         analysis.same_size_changes(weight, 0.0, seed=0)
 
 
@@ -64,3 +64,14 @@ def test_demo_attention_change_and_distance_to_the_delta_rule():
     assert 0 < analysis.demo_attention_change(0) < 1e-3
     assert analysis.demo_attention_change(0) == analysis.demo_attention_change(0)
     assert analysis.distance_to_delta_rule(0) > 0.5  # the seed's step ignores the target
+
+
+def test_section_one_trace_and_the_lookalike_table():
+    trace = analysis.seed_rule_trace(8, seed=0, updates=20, lr=0.05)
+    assert trace["along_mean"].to_numpy() == pytest.approx(trace["predicted_along_mean"].to_numpy(), rel=1e-4)
+    assert trace.equals(analysis.seed_rule_trace(8, seed=0, updates=20, lr=0.05))  # the weight is drawn from the seed
+    change, table = analysis.lookalike_changes(0)
+    assert change == analysis.demo_weight_change(0)[0]
+    assert table.index.tolist() == ["decay", "noise"]
+    assert table["mean |change|"].to_numpy() == pytest.approx([change, change], rel=0.1)
+    assert analysis.titan_output_is_finite(0)

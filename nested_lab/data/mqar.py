@@ -23,11 +23,9 @@ targets the next token of it),
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_positive_ints, check_range
 
 IGNORE_INDEX = -100
 FILLER_TOKEN = 0
@@ -35,8 +33,12 @@ FILLER_TOKEN = 0
 
 def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int, generator: torch.Generator,
                gap_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` MQAR examples: (inputs ``[B, L]`` long, targets ``[B, L]`` long, -100 where ignored)."""
-    _check(batch, seq_len, pairs, vocab, generator, gap_power)
+    """``batch`` MQAR examples: (inputs ``[B, L]`` long, targets ``[B, L]`` long, -100 where ignored),
+    drawn from ``generator`` (a CPU ``torch.Generator``, see :func:`nested_lab.runtime.generator`)."""
+    check_positive_ints(batch=batch)
+    check_task(seq_len, pairs, vocab, gap_power)
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"generator must be a torch.Generator on the CPU (runtime.generator), got {generator!r}")
     keys = _distinct(batch, pairs, 1, vocab // 2, generator)
     values = _distinct(batch, pairs, vocab // 2, vocab, generator)
     inputs = torch.full((batch, seq_len), FILLER_TOKEN, dtype=torch.long)
@@ -50,6 +52,17 @@ def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int, generator: torc
     return inputs, targets
 
 
+def check_task(seq_len: int, pairs: int, vocab: int, gap_power: float = 1.0) -> None:
+    """An MQAR task's sizes: the prefix and the queries with their values (``4 N`` positions) fit in
+    ``seq_len``, the keys ``[1, vocab // 2)`` hold ``N`` distinct ones, and ``gap_power >= 0``."""
+    check_positive_ints(seq_len=seq_len, pairs=pairs, vocab=vocab)
+    check_range("gap_power", gap_power, 0)
+    if 4 * pairs > seq_len:
+        raise ValueError(f"seq_len={seq_len} is too short for {pairs} pairs: they need 4 * pairs positions")
+    if pairs > vocab // 2 - 1:
+        raise ValueError(f"vocab={vocab} holds fewer than pairs={pairs} distinct keys in [1, vocab // 2)")
+
+
 def elimination_accuracy(pairs: int) -> float:
     """MQAR accuracy of a model that knows only the format: each query's answer is one of the
     prefix values not asked before it (its value appears in the input after it), guessed
@@ -61,16 +74,13 @@ def elimination_accuracy(pairs: int) -> float:
 def hide_last_answer(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The last query of every example alone, with the value that follows it replaced by the filler
     token: (inputs, targets with every other query ignored). A causal model answers that query
-    exactly as before -- the hidden token comes after it -- and a model that reads ahead does not."""
+    exactly as before -- the hidden token comes after it -- and a model that reads ahead does not.
+    Every example needs a query that some token follows, as :func:`mqar_batch` makes them."""
     if inputs.shape != targets.shape or inputs.ndim != 2:
         raise ValueError(f"inputs and targets must share a [batch, time] shape, got {tuple(inputs.shape)} and "
                          f"{tuple(targets.shape)}")
     asked = targets != IGNORE_INDEX
-    if not asked.any(dim=1).all():
-        raise ValueError("every example needs at least one query (a target other than -100)")
     last = asked.shape[1] - 1 - asked.flip(1).int().argmax(dim=1)
-    if (last == inputs.shape[1] - 1).any():
-        raise ValueError("a query sits at the last position, so no answer follows it to hide")
     rows = torch.arange(inputs.shape[0])
     hidden, kept = inputs.clone(), torch.full_like(targets, IGNORE_INDEX)
     hidden[rows, last + 1] = FILLER_TOKEN
@@ -95,22 +105,3 @@ def _distinct(batch: int, count: int, low: int, high: int, generator: torch.Gene
     """``[B, count]`` tokens of ``[low, high)``, distinct within each row, in random order."""
     order = torch.rand(batch, high - low, generator=generator).argsort(dim=1)
     return order[:, :count] + low
-
-
-def _check(batch: int, seq_len: int, pairs: int, vocab: int, generator: torch.Generator,
-           gap_power: float) -> None:
-    check_positive_ints(batch=batch, seq_len=seq_len, pairs=pairs, vocab=vocab)
-    if 4 * pairs > seq_len:
-        raise ValueError(f"seq_len={seq_len} is too short for {pairs} pairs: the prefix (2N) and the queries with "
-                         f"their values (2N) need 4 * pairs = {4 * pairs} positions")
-    if pairs > vocab // 2 - 1:
-        raise ValueError(f"vocab={vocab} has {max(vocab // 2 - 1, 0)} key tokens ([1, vocab // 2)), fewer than "
-                         f"pairs={pairs} distinct keys; use vocab >= {2 * pairs + 2}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (see nested_lab.runtime.generator), "
-                        f"got {type(generator).__name__}")
-    if generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
-    check_numbers(gap_power=gap_power)
-    if not math.isfinite(gap_power) or gap_power < 0:
-        raise ValueError(f"gap_power must be finite and >= 0 (0 = uniform query positions), got {gap_power}")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from nested_lab import runtime
-from nested_lab.parameters import check_ints_at_least, check_positive_ints
+from nested_lab.parameters import check_choice, check_ints_at_least, check_positive_ints
 
 
 def interleaved_rounds(candidates: Mapping[str, Callable[[], object]], rounds: int = 3, calls: int = 10,
@@ -53,8 +53,7 @@ def interleaved_timings(candidates: Mapping[str, Callable[[], object]], rounds: 
 
 def ratios(timings: Mapping[str, float], reference: str) -> dict[str, float]:
     """Each timing divided by the ``reference`` one."""
-    if reference not in timings:
-        raise ValueError(f"reference {reference!r} is not one of {list(timings)}")
+    check_choice("reference", reference, list(timings))
     return {name: seconds / timings[reference] for name, seconds in timings.items()}
 
 

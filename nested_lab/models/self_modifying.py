@@ -41,34 +41,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from nested_lab.memory.delta_rule import delta_rule_chunked
-from nested_lab.memory.self_modifying_rule import (
-    NORM_EPS,
-    WEIGHT_LIMIT,
-    check_lr,
-    self_modifying_update,
-    update_term,
-)
+from nested_lab.memory.self_modifying_rule import NORM_EPS, WEIGHT_LIMIT, self_modifying_update, update_term
 from nested_lab.memory.titans import init_memory, titans_chunked
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_choice, check_numbers, check_positive_ints, check_range
 
 UPDATES = ("in_forward", "deferred")
 RNNS = ("gru", "lstm")
 __all__ = ["NORM_EPS", "WEIGHT_LIMIT", "self_modifying_update"]  # the rule, re-exported beside its layers
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _check_heads(dim: int, num_heads: int) -> None:
+def _head_dim(dim: int, num_heads: int) -> int:
+    """The width of one head: ``dim`` must split evenly into ``num_heads`` heads."""
     check_positive_ints(dim=dim, num_heads=num_heads)
     if dim % num_heads:
         raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-
-
-def _check_dropout(dropout: float) -> None:
-    check_numbers(dropout=dropout)
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return dim // num_heads
 
 
 class SelfModifyingLinear(nn.Module):
@@ -82,8 +69,8 @@ class SelfModifyingLinear(nn.Module):
                  update: str = "in_forward", normalized: bool = True) -> None:
         super().__init__()
         check_positive_ints(in_features=in_features, out_features=out_features)
-        check_lr(self_mod_lr)
-        _check_choice("update", update, UPDATES)
+        check_range("self_mod_lr", self_mod_lr, 0)
+        check_choice("update", update, UPDATES)
         if not isinstance(bias, bool) or not isinstance(normalized, bool):
             raise TypeError(f"bias and normalized must be True or False, got {bias!r} and {normalized!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -94,11 +81,7 @@ class SelfModifyingLinear(nn.Module):
         self.pending_updates: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor, update_weights: bool = True) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype or x.device != self.weight.device:
-            raise TypeError(f"input must be {self.weight.dtype} on {self.weight.device} like the weight, "
-                            f"got {x.dtype} on {x.device}")
+        """``x`` ``[..., in]`` -> ``[..., out]``; then the seed rule, when ``update_weights``."""
         y = F.linear(x, self.weight, self.bias)
         if update_weights:
             self._self_modify(x)
@@ -153,8 +136,8 @@ class SelfModifyingTitan(nn.Module):
                  update: str = "in_forward") -> None:
         super().__init__()
         check_positive_ints(input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim, num_layers=num_layers)
-        _check_choice("rnn", rnn, RNNS)
-        _check_dropout(dropout)
+        check_choice("rnn", rnn, RNNS)
+        check_range("dropout", dropout, 0, 1, high_open=True)
         self.input_proj = SelfModifyingLinear(input_dim, hidden_dim, self_mod_lr, update=update)
         self.dropout = nn.Dropout(dropout)
         recurrent = nn.GRU if rnn == "gru" else nn.LSTM
@@ -166,8 +149,6 @@ class SelfModifyingTitan(nn.Module):
     def forward(self, x: torch.Tensor, hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
                 enable_self_modification: bool = True):
         """``x`` ``[B, T, input_dim]`` -> (output ``[B, T, output_dim]``, the RNN's hidden state)."""
-        if x.ndim != 3:
-            raise ValueError(f"x must have shape [batch, time, {self.input_proj.in_features}], got {tuple(x.shape)}")
         h = self.dropout(torch.relu(self.input_proj(x, update_weights=enable_self_modification)))
         h, hidden = self.rnn(h, hidden)
         return self.output_proj(self.norm(h), update_weights=enable_self_modification), hidden
@@ -188,11 +169,11 @@ class SelfModifyingAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, self_mod_lr: float = 1e-3, dropout: float = 0.1,
                  causal: bool = True, update: str = "in_forward") -> None:
         super().__init__()
-        _check_heads(dim, num_heads)
-        _check_dropout(dropout)
+        head_dim = _head_dim(dim, num_heads)
+        check_range("dropout", dropout, 0, 1, high_open=True)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be True or False, got {causal!r}")
-        self.dim, self.num_heads, self.head_dim, self.causal = dim, num_heads, dim // num_heads, causal
+        self.dim, self.num_heads, self.head_dim, self.causal = dim, num_heads, head_dim, causal
         self.scale = self.head_dim**-0.5
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             SelfModifyingLinear(dim, dim, self_mod_lr, bias=False, update=update) for _ in range(4))
@@ -200,8 +181,6 @@ class SelfModifyingAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, enable_self_modification: bool = True) -> torch.Tensor:
         """``x`` ``[B, T, dim]`` -> ``[B, T, dim]``."""
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [batch, time, {self.dim}], got {tuple(x.shape)}")
         q, k, v = (self._heads(proj(x, update_weights=enable_self_modification))
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         scores = (q @ k.transpose(-1, -2)) * self.scale
@@ -226,17 +205,15 @@ class DeltaRuleLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 4, chunk_size: int = 64) -> None:
         super().__init__()
-        _check_heads(dim, num_heads)
+        head_dim = _head_dim(dim, num_heads)
         check_positive_ints(chunk_size=chunk_size)
-        self.dim, self.num_heads, self.head_dim, self.chunk_size = dim, num_heads, dim // num_heads, chunk_size
+        self.dim, self.num_heads, self.head_dim, self.chunk_size = dim, num_heads, head_dim, chunk_size
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.beta_proj = nn.Linear(dim, num_heads)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, T, dim]`` -> ``[B, T, dim]``."""
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [batch, time, {self.dim}], got {tuple(x.shape)}")
         q = F.normalize(self._heads(self.q_proj(x)), dim=-1)
         k = F.normalize(self._heads(self.k_proj(x)), dim=-1)
         v = self._heads(self.v_proj(x))
@@ -269,12 +246,10 @@ class TitansLayer(nn.Module):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         check_positive_ints(dim=dim, depth=depth, chunk_size=chunk_size)
-        check_numbers(theta_max=theta_max)
-        if not theta_max > 0:
-            raise ValueError(f"theta_max must be a number > 0, got {theta_max!r}")
-        if (not isinstance(gate_biases, tuple | list) or len(gate_biases) != 3
-                or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in gate_biases)):
+        check_range("theta_max", theta_max, 0, low_open=True)
+        if not isinstance(gate_biases, tuple | list) or len(gate_biases) != 3:
             raise ValueError(f"gate_biases must hold three numbers (theta, eta, alpha), got {gate_biases!r}")
+        check_numbers(**dict(zip(("theta bias", "eta bias", "alpha bias"), gate_biases, strict=True)))
         self.dim, self.chunk_size, self.theta_max = dim, chunk_size, float(theta_max)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.gate_proj = nn.Linear(dim, 3)
@@ -288,8 +263,6 @@ class TitansLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, T, dim]`` -> ``[B, T, dim]``."""
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [batch, time, {self.dim}], got {tuple(x.shape)}")
         keys, queries = F.normalize(self.k_proj(x), dim=-1), F.normalize(self.q_proj(x), dim=-1)
         theta, eta, alpha = torch.sigmoid(self.gate_proj(x)).unbind(-1)
         read, _ = titans_chunked(dict(self.memory.items()), keys, self.v_proj(x), queries,
