@@ -1,5 +1,6 @@
 """The learned-momentum optimizer (DMGD) and its two meta-gradients."""
 
+import copy
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from nested_lab import runtime
-from nested_lab.experiments import dmgd_analysis as analysis
+from nested_lab.experiments import nested_optimizers as chapter
 from nested_lab.optim import dmgd, meta
 
 LR, BETA = 0.1, 0.9
@@ -109,9 +110,9 @@ def test_bad_inputs():
     model = nn.Linear(3, 1)
     with pytest.raises(ValueError, match="unknown meta_gradient 'sign'; allowed: original, unrolled"):
         dmgd.NestedDeepMomentumGD(model.named_parameters(), meta_gradient="sign")
-    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
         dmgd.NestedDeepMomentumGD(model.named_parameters(), lr=0.0)
-    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"momentum must be finite and in \[0, 1\)"):
         dmgd.NestedDeepMomentumGD(model.named_parameters(), momentum=1.0)
     with pytest.raises(TypeError, match=r"\(name, parameter\) pairs"):
         dmgd.NestedDeepMomentumGD(model.parameters())
@@ -122,16 +123,65 @@ def test_bad_inputs():
         dmgd.MomentumMemory(numel=0)
     with pytest.raises(ValueError, match="at least one parameter tensor"):
         dmgd.LearnedMomentum({})
-    optimizer = dmgd.NestedDeepMomentumGD(model.named_parameters())
-    model.weight.grad = torch.full_like(model.weight, float("nan"))
-    with pytest.raises(ValueError, match="non-finite gradient for parameter 'weight'"):
-        optimizer.step()
 
 
 def test_replica_keys_lose_the_memories_and_name_keys_keep_them():
-    memory = dmgd.LearnedMomentum.for_model(analysis.model_fn("regression")(runtime.generator(0)),
+    memory = dmgd.LearnedMomentum.for_model(chapter.model_fn("regression")(runtime.generator(0)),
                                             generator=runtime.generator(5))
-    assert analysis.checkpoint_round_trip(memory, "regression", "parameter_id") == 0.0
-    assert analysis.checkpoint_round_trip(memory, "regression", "name") == 1.0
+    assert chapter.checkpoint_round_trip(memory, "regression", "parameter_id") == 0.0
+    assert chapter.checkpoint_round_trip(memory, "regression", "name") == 1.0
     with pytest.raises(ValueError, match="unknown memory_keys 'index'; allowed: parameter_id, name"):
         dmgd.NestedDeepMomentumGD(nn.Linear(2, 1).named_parameters(), memory_keys="index")
+
+
+def _train_steps(optimizer, model, batch, steps):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+
+
+def test_is_a_torch_optimizer_and_a_checkpoint_restores_it_exactly():
+    """The torch.optim contract: param_groups, state, step(closure), and a state_dict that a fresh
+    optimizer (other memory weights, fresh model) loads to continue exactly as the original."""
+    memory, task = tiny_task()
+    model, batch = task.model, task.train_batches[0]
+    optimizer = dmgd.NestedDeepMomentumGD(model.named_parameters(), memory=memory, lr=LR, momentum=BETA,
+                                          memory_keys="name")
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == LR and optimizer.param_groups[0]["momentum"] == BETA
+    _train_steps(optimizer, model, batch, 3)
+    assert set(optimizer.state[next(model.parameters())]) == {"momentum"}
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+    resumed_model = meta.mlp([4, 3, 1], runtime.generator(9))
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = dmgd.NestedDeepMomentumGD(resumed_model.named_parameters(), lr=1.0, momentum=0.5, hidden=8,
+                                        memory_keys="name", generator=runtime.generator(7))
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert resumed.param_groups[0]["lr"] == LR and resumed.param_groups[0]["momentum"] == BETA
+    for a, b in zip(memory.parameters(), resumed.memory.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(optimizer.state[p]["momentum"], resumed.state[q]["momentum"])
+    _train_steps(optimizer, model, batch, 2)
+    _train_steps(resumed, resumed_model, batch, 2)
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_step_with_a_closure_returns_its_loss():
+    memory, task = tiny_task()
+    model, (inputs, targets) = task.model, task.train_batches[0]
+    optimizer = dmgd.NestedDeepMomentumGD(model.named_parameters(), memory=memory, lr=LR, momentum=BETA)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = optimizer.step(closure)
+    assert loss is not None and loss.requires_grad
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from nested_lab.parameters import check_float, check_positive_ints
+from nested_lab.parameters import check_positive_ints, check_range
 
 
 class DriftBatch(NamedTuple):
@@ -32,7 +32,6 @@ class DriftBatch(NamedTuple):
 
 def mode_at(step: int, modes: int, switch_every: int) -> int:
     """The fast mode active at ``step``: ``floor(step / switch_every) mod modes``."""
-    check_positive_ints(modes=modes, switch_every=switch_every)
     return (step // switch_every) % modes
 
 
@@ -44,9 +43,9 @@ def drift_stream(steps: int, dim: int, generator: torch.Generator, *, batch_size
     Arguments are checked at the call, not at the first batch.
     """
     check_positive_ints(steps=steps, dim=dim, batch_size=batch_size, modes=modes, switch_every=switch_every)
-    check_float("drift", drift)
-    check_float("fast_scale", fast_scale, minimum=0.0)
-    check_float("noise", noise, minimum=0.0)
+    check_range("drift", drift)
+    check_range("fast_scale", fast_scale, 0)
+    check_range("noise", noise, 0)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     scale = 1 / math.sqrt(dim)

@@ -18,7 +18,7 @@ exactly ``floor(N / C)`` times. ``trainer="original"`` reproduces the replica, w
 three ways:
 
 1. its schedule calls a level due when ``step % C == 0``, so step 0 is due for every level
-   (``ceil(N / C)`` due steps, :func:`printed_schedule`);
+   (``ceil(N / C)`` due steps; the chapter's ``printed_schedule`` draws it);
 2. on a due step it replaces the level's gradient by the accumulated gradients divided by ``C``
    (the chunk's mean, except at step 0, where one gradient is divided by ``C``) instead of their sum;
 3. it never clears the gradient of a level that is not due, so the optimizer steps every level
@@ -28,35 +28,26 @@ three ways:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from nested_lab import runtime
 from nested_lab.init import uniform_linear
-from nested_lab.parameters import check_positive_ints
+from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 TRAINERS = ("original", "correct")
 
 
 def check_chunk_sizes(chunk_sizes: Sequence[int]) -> tuple[int, ...]:
-    """``chunk_sizes`` as a tuple, after checking it is a non-empty sequence of ints >= 1."""
+    """``chunk_sizes`` as a tuple: a sequence of ints >= 1, one per level (at least one)."""
     if isinstance(chunk_sizes, str | bytes) or not isinstance(chunk_sizes, Sequence):
         raise TypeError(f"chunk_sizes must be a sequence of ints >= 1 (one per level), got {chunk_sizes!r}")
-    if not chunk_sizes:
-        raise ValueError("chunk_sizes must name at least one level, got an empty sequence")
+    check_range("number of levels", len(chunk_sizes), 1, integer=True)
     check_positive_ints(**{f"chunk_sizes[{i}]": size for i, size in enumerate(chunk_sizes)})
     return tuple(chunk_sizes)
-
-
-def check_trainer(trainer: str) -> str:
-    if trainer not in TRAINERS:
-        raise ValueError(f"unknown trainer {trainer!r}; allowed: {', '.join(TRAINERS)}")
-    return trainer
 
 
 # --- the memory --------------------------------------------------------------------------------
@@ -99,24 +90,14 @@ def update_schedule(chunk_sizes: Sequence[int], steps: int, trainer: str = "corr
     """Which level's parameters change at which step: a bool array ``[levels, steps]``.
 
     ``"correct"``: after steps with ``(step + 1) % C == 0``. ``"original"``: every level on every
-    step, which is what the replica's trainer does (see :func:`printed_schedule` for what it
-    claims to do).
+    step, which is what the replica's trainer does (its printout claims ``step % C == 0``).
     """
     chunk_sizes = check_chunk_sizes(chunk_sizes)
     check_positive_ints(steps=steps)
-    if check_trainer(trainer) == "original":
+    if check_choice("trainer", trainer, TRAINERS) == "original":
         return np.ones((len(chunk_sizes), steps), dtype=bool)
     step = np.arange(steps)
     return np.stack([(step + 1) % size == 0 for size in chunk_sizes])
-
-
-def printed_schedule(chunk_sizes: Sequence[int], steps: int) -> np.ndarray:
-    """The replica's printed "due" schedule, ``step % C == 0``: a bool array ``[levels, steps]``
-    with ``ceil(steps / C)`` due steps per level, step 0 due for all. Its trainer ignores it."""
-    chunk_sizes = check_chunk_sizes(chunk_sizes)
-    check_positive_ints(steps=steps)
-    step = np.arange(steps)
-    return np.stack([step % size == 0 for size in chunk_sizes])
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -129,14 +110,15 @@ class ContinuumMemoryTrainer:
     the sum of the chunk's gradients and hides it from the optimizer on other steps (its
     ``.grad`` is ``None``, so torch optimizers skip it, momentum and weight decay included);
     ``trainer="original"`` is the replica (see the module docstring). Every step records, per
-    level, whether its parameters actually changed, by comparing them before and after.
+    level, whether its parameters actually changed, by comparing them before and after. The
+    loss is not checked: a non-finite loss is recorded and stepped like any other.
     """
 
     def __init__(self, model: nn.Module, memory: ContinuumMemory, optimizer: torch.optim.Optimizer,
                  trainer: str = "correct") -> None:
         _check_parts(model, memory, optimizer)
         self.model, self.memory, self.optimizer = model, memory, optimizer
-        self.trainer = check_trainer(trainer)
+        self.trainer = check_choice("trainer", trainer, TRAINERS)
         self.chunk_sizes = memory.chunk_sizes
         self.steps_done = 0
         self.losses: list[float] = []
@@ -145,9 +127,9 @@ class ContinuumMemoryTrainer:
         self._accumulated: list[list[Tensor | None]] = [[None] * len(params) for params in self._level_params]
 
     def step(self, loss: Tensor) -> float:
-        """Backpropagate ``loss`` (a finite scalar), apply the schedule, step the optimizer;
+        """Backpropagate ``loss`` (a scalar), apply the schedule, step the optimizer;
         return the loss as a float."""
-        value = _check_loss(loss, self.steps_done)
+        value = loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for index, params in enumerate(self._level_params):
@@ -187,43 +169,15 @@ class ContinuumMemoryTrainer:
         """Bool array ``[levels, steps]``: measured changes, comparable to :func:`update_schedule`."""
         return np.array(self.changed, dtype=bool).reshape(-1, len(self.chunk_sizes)).T
 
-    def history(self) -> pd.DataFrame:
-        """One row per step and level: ``step, level, chunk_size, changed, loss``."""
-        changed = self.changed_matrix()
-        return pd.DataFrame([
-            {"step": step, "level": level, "chunk_size": size, "changed": bool(changed[level, step]),
-             "loss": self.losses[step]}
-            for step in range(self.steps_done) for level, size in enumerate(self.chunk_sizes)])
-
 
 def _check_parts(model: nn.Module, memory: ContinuumMemory, optimizer: torch.optim.Optimizer) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    """Every level of ``memory`` must be part of ``model`` and held by ``optimizer``."""
     if not isinstance(memory, ContinuumMemory):
         raise TypeError(f"memory must be a ContinuumMemory, got {type(memory).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if len(memory.levels) != len(memory.chunk_sizes):
-        raise ValueError(f"the memory has {len(memory.levels)} levels but {len(memory.chunk_sizes)} chunk sizes; "
-                         "they must match one to one")
-    in_model = {id(p) for p in model.parameters()}
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    held = {id(p) for p in model.parameters()} & {id(p) for group in optimizer.param_groups for p in group["params"]}
     for index, level in enumerate(memory.levels):
-        ids = {id(p) for p in level.parameters()}
-        if not ids <= in_model:
-            raise ValueError(f"level {index} of the memory is not part of the model; pass the model that "
-                             "contains the memory")
-        if not ids <= optimized:
-            raise ValueError(f"level {index} of the memory has parameters the optimizer does not hold; build "
-                             "the optimizer over model.parameters()")
-
-
-def _check_loss(loss: Tensor, step: int) -> float:
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}")
-    value = loss.item()
-    if not math.isfinite(value):
-        raise ValueError(f"loss is {value} at step {step}; it must be finite, and no parameter was updated")
-    return value
+        if not {id(p) for p in level.parameters()} <= held:
+            raise ValueError(f"level {index} of the memory must be part of the model and held by the optimizer; "
+                             "build the optimizer over model.parameters() of the model that contains the memory")

@@ -31,7 +31,7 @@ from torch.func import functional_call, grad
 
 from nested_lab import runtime
 from nested_lab.init import xavier_linear
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 META_GRADIENTS = ("original", "unrolled")
 MEMORY_KEYS = ("parameter_id", "name")
@@ -128,7 +128,7 @@ def task_meta_gradient(memory: LearnedMomentum, task: InnerTask, lr: float, beta
     ``rule="original"``: ``grad_phi sum_n <out_n, grad_W L_val(W_k)>`` over the last step's outputs
     (the replica's surrogate; ``last_step_only`` changes nothing, it has no other step).
     ``rule="unrolled"``: ``grad_phi L_val(W_k(phi))`` through all steps, or through the last only."""
-    check_meta_gradient(rule)
+    check_choice("meta_gradient", rule, META_GRADIENTS)
     memory_params = {name: p.detach() for name, p in memory.named_parameters()}
     if rule == "original":
         return _surrogate_gradient(memory, memory_params, task, lr, beta)
@@ -180,9 +180,8 @@ class NestedDeepMomentumGD(torch.optim.Optimizer):
                  generator: torch.Generator | None = None) -> None:
         named = list(named_parameters)
         check_hyperparameters(lr=lr, momentum=momentum, meta_lr=meta_lr)
-        check_meta_gradient(meta_gradient)
-        if memory_keys not in MEMORY_KEYS:
-            raise ValueError(f"unknown memory_keys {memory_keys!r}; allowed: {', '.join(MEMORY_KEYS)}")
+        check_choice("meta_gradient", meta_gradient, META_GRADIENTS)
+        check_choice("memory_keys", memory_keys, MEMORY_KEYS)
         if not named or not all(isinstance(item, tuple) and len(item) == 2 for item in named):
             raise TypeError("named_parameters must be a non-empty iterable of (name, parameter) pairs, "
                             "e.g. model.named_parameters()")
@@ -228,8 +227,6 @@ class NestedDeepMomentumGD(torch.optim.Optimizer):
         for name, p in zip(self.names, group["params"], strict=True):
             if p.grad is None:
                 continue
-            if not torch.isfinite(p.grad).all():
-                raise ValueError(f"non-finite gradient for parameter {name!r}")
             momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
             output = self.memory.memories[_key(name)](p.grad.flatten(), momentum.flatten()).view_as(p)
             momentum.mul_(group["momentum"]).add_(output)
@@ -284,15 +281,8 @@ def _detached(tensors: Params) -> Params:
     return {name: t.detach() for name, t in tensors.items()}
 
 
-def check_meta_gradient(rule: str) -> None:
-    if rule not in META_GRADIENTS:
-        raise ValueError(f"unknown meta_gradient {rule!r}; allowed: {', '.join(META_GRADIENTS)}")
-
-
 def check_hyperparameters(lr: float, momentum: float, meta_lr: float) -> None:
-    check_numbers(lr=lr, momentum=momentum, meta_lr=meta_lr)
-    for name, value in (("lr", lr), ("meta_lr", meta_lr)):
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    """Step sizes ``lr, meta_lr > 0`` and momentum ``beta`` in ``[0, 1)``."""
+    check_range("lr", lr, 0, low_open=True)
+    check_range("momentum", momentum, 0, 1, high_open=True)
+    check_range("meta_lr", meta_lr, 0, low_open=True)

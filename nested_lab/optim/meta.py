@@ -28,14 +28,13 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-import pandas as pd
 import torch
 from torch import nn
 
 from nested_lab import runtime
 from nested_lab.init import uniform_linear
 from nested_lab.optim import dmgd
-from nested_lab.parameters import check_numbers, check_positive_ints
+from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 AGGREGATIONS = ("last_task_last_step", "meta_batch")
 Task = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -47,9 +46,7 @@ def regression_tasks(count: int, generator: torch.Generator, input_dim: int = 10
     """``count`` linear-regression tasks ``y = x W + b + noise * eps`` (``b = 0`` unless ``bias``,
     noise level ~ U(0, ``max_noise``)); see the module docstring."""
     check_positive_ints(count=count, input_dim=input_dim)
-    check_numbers(max_noise=max_noise)
-    if not 0 <= max_noise < math.inf:
-        raise ValueError(f"max_noise must be a finite number >= 0, got {max_noise!r}")
+    check_range("max_noise", max_noise, 0)
     tasks = []
     for _ in range(count):
         weights = torch.randn(input_dim, 1, generator=generator)
@@ -129,9 +126,8 @@ class MetaLearner:
                  meta_gradient: str = "last_task_last_step") -> None:
         check_positive_ints(inner_steps=inner_steps)
         dmgd.check_hyperparameters(lr=lr, momentum=momentum, meta_lr=meta_lr)
-        dmgd.check_meta_gradient(rule)
-        if meta_gradient not in AGGREGATIONS:
-            raise ValueError(f"unknown meta_gradient {meta_gradient!r}; allowed: {', '.join(AGGREGATIONS)}")
+        check_choice("meta_gradient", rule, dmgd.META_GRADIENTS)
+        check_choice("meta_gradient", meta_gradient, AGGREGATIONS)
         self.model_fn, self.memory, self.generator = model_fn, memory, generator
         self.lr, self.momentum, self.inner_steps = lr, momentum, inner_steps
         self.rule, self.aggregation = rule, meta_gradient
@@ -176,9 +172,11 @@ class MetaLearner:
         return {"pre": pre, "post": post, "improvement": pre - post}
 
     def meta_train(self, distribution: Sequence[Task], iterations: int, meta_batch_size: int = 4,
-                   probe: Callable[[], float] | None = None, show_progress: bool = True) -> pd.DataFrame:
-        """``iterations`` meta-steps, each on ``meta_batch_size`` tasks drawn with replacement.
-        ``probe()``, if given, is recorded after every step (e.g. the memory-gradient alignment)."""
+                   probe: Callable[[], float] | None = None,
+                   show_progress: bool = True) -> list[dict[str, float]]:
+        """``iterations`` meta-steps, each on ``meta_batch_size`` tasks drawn with replacement; one
+        row per step: ``iteration`` and the statistics of :meth:`meta_train_step`, and ``probe()``
+        if given, recorded after the step (e.g. the memory-gradient alignment)."""
         check_positive_ints(iterations=iterations, meta_batch_size=meta_batch_size)
         if not distribution:
             raise ValueError("the task distribution is empty")
@@ -190,4 +188,4 @@ class MetaLearner:
             if probe is not None:
                 row["probe"] = probe()
             rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
