@@ -86,22 +86,21 @@ class Spec:
     high_open: bool = False
     allowed: tuple[str, ...] = ()
 
-    def check(self, name: str, value: object) -> None:
-        if self.kind == "bool":
-            check_bool(name, value)
-        elif self.kind == "choice":
-            check_choice(name, value, self.allowed)
-        elif self.kind in ("ints", "floats"):
+    def check(self, name: str, value: object) -> object:
+        """``value`` if this spec allows it (numbers as int or float); otherwise the error."""
+        if self.kind == "bool" and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+        if self.kind == "choice":
+            return check_choice(name, value, self.allowed)
+        if self.kind in ("ints", "floats"):
             if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
                 raise TypeError(f"{name} must be a non-empty list of numbers, got {value!r}")
-            for i, item in enumerate(value):
-                self._check_number(f"{name}[{i}]", item, integer=self.kind == "ints")
-        else:
-            self._check_number(name, value, integer=self.kind == "int")
+            return [self._number(f"{name}[{i}]", item, self.kind == "ints") for i, item in enumerate(value)]
+        return value if self.kind == "bool" else self._number(name, value, self.kind == "int")
 
-    def _check_number(self, name: str, value: object, integer: bool) -> None:
-        check_range(name, value, self.low, self.high, integer=integer,
-                    low_open=self.low_open, high_open=self.high_open)
+    def _number(self, name: str, value: object, integer: bool) -> float:
+        return check_range(name, value, self.low, self.high, integer=integer,
+                           low_open=self.low_open, high_open=self.high_open)
 
 
 def boolean() -> Spec:
@@ -137,29 +136,3 @@ def check_parameters(namespace: Mapping[str, object], /, **spec: Spec) -> None:
         if name not in namespace:
             raise NameError(f"parameter {name} is not defined in the parameters cell")
         rule.check(f"parameter {name}", namespace[name])
-
-
-# One-parameter forms of the same checks (a notebook may check a derived value with them).
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{_parameter(name)} must be True or False, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
-    return check_range(_parameter(name), value, minimum, maximum, integer=True)
-
-
-def check_float(name: str, value: object, minimum: float | None = None, maximum: float | None = None) -> float:
-    return check_range(_parameter(name), value, minimum, maximum)
-
-
-def check_floats(name: str, values: object, minimum: float | None = None,
-                 maximum: float | None = None) -> list[float]:
-    number_list(minimum, maximum).check(_parameter(name), values)
-    return [float(v) for v in values]
-
-
-def _parameter(name: str) -> str:
-    return name if name.startswith("parameter ") else f"parameter {name}"

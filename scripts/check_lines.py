@@ -4,8 +4,10 @@
 
 A *code line* is a line of a module that holds code: not blank, not a comment,
 not part of a docstring. A *check line* is a code line inside
-- a ``raise TypeError``/``raise ValueError`` statement, or an ``if`` whose body only raises one;
-- a call statement to a function named ``check_*`` / ``_check*`` / ``require_*`` (``x = check_...`` too);
+- a ``raise TypeError``/``raise ValueError`` statement;
+- a simple statement that calls a function named ``check_*`` / ``_check*`` / ``require_*``
+  anywhere in its expression (``x = check_...(...)``, ``return f(check_...(...))`` too);
+- an ``if`` or ``for`` whose body holds only such statements;
 - the definition of such a function.
 """
 
@@ -59,16 +61,22 @@ def _raises_error(statement: ast.stmt) -> bool:
     return name in ERRORS
 
 
+def _is_check(statement: ast.AST) -> bool:
+    """A raise of TypeError/ValueError, an ``if`` or ``for`` holding only checks, or a simple
+    statement that calls a check helper anywhere in its expression."""
+    if _raises_error(statement):
+        return True
+    if isinstance(statement, ast.If | ast.For):
+        return all(_is_check(s) for s in statement.body) and not statement.orelse
+    if isinstance(statement, ast.Expr | ast.Assign | ast.AnnAssign | ast.Return):
+        return any(_is_check_name(_called_name(node)) for node in ast.walk(statement))
+    return isinstance(statement, ast.FunctionDef) and _is_check_name(statement.name)
+
+
 def check_lines(source: str) -> set[int]:
     lines: set[int] = set()
     for node in ast.walk(ast.parse(source)):
-        is_check = (
-            _raises_error(node)
-            or (isinstance(node, ast.If) and all(_raises_error(s) for s in node.body) and not node.orelse)
-            or (isinstance(node, ast.Expr | ast.Assign) and _is_check_name(_called_name(node.value)))
-            or (isinstance(node, ast.FunctionDef) and _is_check_name(node.name))
-        )
-        if is_check:
+        if isinstance(node, ast.stmt) and _is_check(node):
             lines.update(range(node.lineno, node.end_lineno + 1))
     return lines
 

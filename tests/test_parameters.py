@@ -8,15 +8,32 @@ import numpy as np
 import pytest
 
 from nested_lab.parameters import (
-    check_bool,
+    boolean,
     check_choice,
-    check_float,
-    check_floats,
-    check_int,
     check_ints_at_least,
     check_numbers,
     check_positive_ints,
+    integer,
+    number,
+    number_list,
 )
+
+
+# A notebook parameter's checks, one at a time, through the specs of check_parameters.
+def check_bool(name, value):
+    return boolean().check(f"parameter {name}", value)
+
+
+def check_int(name, value, minimum=None, maximum=None):
+    return integer(minimum, maximum).check(f"parameter {name}", value)
+
+
+def check_float(name, value, minimum=None, maximum=None):
+    return number(minimum, maximum).check(f"parameter {name}", value)
+
+
+def check_floats(name, values, minimum=None, maximum=None):
+    return number_list(minimum, maximum).check(f"parameter {name}", values)
 
 # ----- check_bool --------------------------------------------------------------------------------
 
@@ -247,14 +264,10 @@ def test_numpy_integers_count_as_ints():
 
 
 from nested_lab.parameters import (  # noqa: E402
-    boolean,
     check_parameters,
     check_range,
     choice,
-    integer,
     integer_list,
-    number,
-    number_list,
 )
 
 
