@@ -343,3 +343,10 @@ def test_it_is_a_torch_optimizer_whose_step_runs_the_closure_with_gradients():
         loss = opt.step(partial(_mse_closure, model, opt, _BATCHES[0]))
     assert loss.requires_grad and opt.trace.update_steps == [1] and opt.trace.meta_branch == ["warmup"]
     assert set(opt.state_dict()) == {"state", "param_groups", "controller"}
+
+
+def test_a_loss_passed_as_the_closure_is_a_clear_error():
+    model, _, x, y = _regression(4, dtype=torch.float32)
+    opt = ContinuumOptimizer([{"params": model.parameters()}], ContinuumConfig(), runtime.generator(0))
+    with pytest.raises(TypeError, match=r"closure must be callable \(pass the loss as step\(loss=...\)\)"):
+        opt.step(F.mse_loss(model(x), y).item())

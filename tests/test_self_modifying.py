@@ -9,15 +9,14 @@ import torch.nn.functional as F
 
 from nested_lab import runtime
 from nested_lab.memory.delta_rule import delta_rule_recurrent
+from nested_lab.memory.self_modifying_rule import NORM_EPS, self_modifying_update
 from nested_lab.models.self_modifying import (
-    NORM_EPS,
     DeltaRuleLayer,
     SelfModifyingAttention,
     SelfModifyingLinear,
     SelfModifyingTitan,
     TitansLayer,
     apply_pending_updates,
-    self_modifying_update,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -41,13 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nested_lab.memory.delta_rule import delta_rule_chunked
-from nested_lab.memory.self_modifying_rule import NORM_EPS, WEIGHT_LIMIT, self_modifying_update, update_term
+from nested_lab.memory.self_modifying_rule import NORM_EPS, WEIGHT_LIMIT, update_term
 from nested_lab.memory.titans import init_memory, titans_chunked
 from nested_lab.parameters import check_choice, check_numbers, check_positive_ints, check_range
 
 UPDATES = ("in_forward", "deferred")
 RNNS = ("gru", "lstm")
-__all__ = ["NORM_EPS", "WEIGHT_LIMIT", "self_modifying_update"]  # the rule, re-exported beside its layers
 
 
 def _head_dim(dim: int, num_heads: int) -> int:

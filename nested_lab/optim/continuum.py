@@ -159,6 +159,8 @@ class ContinuumOptimizer(torch.optim.AdamW):
         ``torch.enable_grad()``); ``loss`` is the training loss when there is
         no closure. Returns the loss.
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable (pass the loss as step(loss=...)), got {closure!r}")
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
