@@ -32,8 +32,6 @@ class CharMLP(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.ndim != 2 or tokens.shape[1] != self.context:
-            raise ValueError(f"tokens must have shape [batch, {self.context}], got {tuple(tokens.shape)}")
         x = self.embedding(tokens).flatten(1)
         return self.out(torch.tanh(self.hidden(x)))
 

@@ -31,8 +31,6 @@ class LRController(nn.Module):
 
     def forward(self, stats: torch.Tensor) -> torch.Tensor:
         """``stats`` of shape ``[groups, 3]`` -> ``raw`` of shape ``[groups]``."""
-        if stats.ndim != 2 or stats.shape[-1] != 3:
-            raise ValueError(f"stats must have shape [groups, 3], got {tuple(stats.shape)}")
         return self.net(stats).squeeze(-1)
 
 
