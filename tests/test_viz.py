@@ -436,3 +436,18 @@ def test_schedule_figure_rejects_bad_shapes():
         schedule_figure({}, [1])
     with pytest.raises(ValueError, match=r"schedule 'a' must be a \[levels, steps\] array with 2 levels"):
         schedule_figure({"a": np.ones((3, 4))}, [1, 8])
+
+
+def test_glue_all_glues_plain_values_without_display(monkeypatch):
+    import myst_nb
+    import numpy as np
+    import torch
+
+    from nested_lab.viz import glue_all
+
+    glued = []
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: glued.append((name, value, display)))
+    glue_all(verdict="refuted", count=3, ratio=np.float64(0.5), norm=torch.tensor(2.0))
+    assert glued == [("verdict", "refuted", False), ("count", 3, False), ("ratio", 0.5, False),
+                     ("norm", 2.0, False)]
+    assert all(type(value) in (str, int, float) for _, value, _ in glued)
