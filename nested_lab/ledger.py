@@ -16,6 +16,14 @@ Expectations are strings:
 A measurement may be one value or one value per seed. For per-seed values the
 verdict is the positive one (confirmed/reproduced) when every seed meets the
 expectation, the negative one when none does, and ``partly`` otherwise.
+
+Each record says how it was established (``evidence``): ``measured`` (code run on
+seeded data; ``seeds`` counts the independent seeded runs), ``analytic`` (arithmetic
+on a document's own numbers, an identity or a closed form) or ``code`` (a property of
+the original's code, shown by a unit test of the replica); only a measured record
+has seeds. When the test's precondition does not hold in this build (a "cause of the
+oscillation" where nothing oscillates, "fewer spikes" where no arm spiked) the caller
+passes ``precondition=False`` with the reason, and the verdict is ``untestable``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from nested_lab import runtime
 from nested_lab.parameters import check_choice
 
 LEDGER_ENV = "NESTED_LAB_LEDGER_DIR"
-VERDICTS = ("confirmed", "refuted", "partly", "reproduced", "not-reproduced")
+VERDICTS = ("confirmed", "refuted", "partly", "reproduced", "not-reproduced", "untestable")
+EVIDENCE = ("measured", "analytic", "code")
 KINDS = {"claim": ("confirmed", "refuted"), "reproduction": ("reproduced", "not-reproduced")}
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -105,22 +114,24 @@ class Record:
     expected: str
     unit: str
     verdict: str
-    seeds: int
+    seeds: int | None  # independent seeded runs; None unless the evidence is measured
     quick: bool
     note: str = ""
     values: list[float | str] = field(default_factory=list)
+    evidence: str = "measured"
 
     @classmethod
     def from_dict(cls, data: dict) -> Record:
         """A record read back from JSON; malformed expectations or unknown verdicts raise ``ValueError``."""
         if not isinstance(data, dict):
             raise ValueError(f"ledger record must be a JSON object, got {data!r}")
-        required = [f.name for f in fields(cls) if f.name not in ("note", "values")]
+        required = [f.name for f in fields(cls) if f.name not in ("note", "values", "evidence")]
         missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(f"ledger record is missing field(s) {missing}: {data!r}")
         if data["verdict"] not in VERDICTS:
             raise ValueError(f"unknown verdict {data['verdict']!r} in record {data['id']!r}; allowed: {VERDICTS}")
+        check_choice(f"evidence in record {data['id']!r}", data.get("evidence", "measured"), EVIDENCE)
         Expectation.parse(data["expected"])
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
@@ -151,25 +162,35 @@ class Ledger:
 
     def record(self, id: str, claim: str, measured: float | str | Sequence[float | str], expected: str,
                *, kind: str = "claim", unit: str = "", seeds: int | None = None, note: str = "",
-               source: str | None = None) -> Record:
+               source: str | None = None, evidence: str = "measured", precondition: bool = True,
+               reason: str = "") -> Record:
         """Record a claim with its measurement; the verdict is computed, never given.
 
         ``kind="claim"`` gives confirmed/refuted, ``kind="reproduction"`` gives
         reproduced/not-reproduced; per-seed measurements may also give ``partly``.
+        ``precondition=False`` gives ``untestable``, whatever the measurement; ``reason``
+        (required then) says why the claim cannot be tested here and leads the note.
+        ``evidence`` is measured, analytic or code; ``seeds`` (default: the number of
+        per-seed values) is kept for measured records only.
         """
         if not isinstance(id, str) or not _ID.match(id):
             raise ValueError(f"record id must be lower-case words joined by '.', '-' or '_', got {id!r}")
         if any(r.id == id for r in self.records):
             raise ValueError(f"record id {id!r} is already used in chapter {self.chapter!r}")
         check_choice("record kind", kind, sorted(KINDS))
+        check_choice("evidence", evidence, EVIDENCE)
+        if not isinstance(precondition, bool) or (not precondition and not reason.strip()):
+            raise ValueError(f"{id}: precondition must be True or False, and False needs a reason")
         expectation = Expectation.parse(expected)
         values = _as_values(measured)
-        verdict = _verdict([expectation.holds(v) for v in values], KINDS[kind])
+        holds = [expectation.holds(v) for v in values]
+        verdict = _verdict(holds, KINDS[kind]) if precondition else "untestable"
         record = Record(
             id=id, chapter=self.chapter, source=self.source if source is None else source,
             claim=claim, measured=_summary(values), expected=expectation.text, unit=unit,
-            verdict=verdict, seeds=len(values) if seeds is None else seeds, quick=self.quick,
-            note=note, values=values if len(values) > 1 else [],
+            verdict=verdict, seeds=(len(values) if seeds is None else seeds) if evidence == "measured" else None,
+            quick=self.quick, note=f"untestable: {reason}. {note}".strip() if not precondition else note,
+            values=values if len(values) > 1 else [], evidence=evidence,
         )
         self.records.append(record)
         self._write()
@@ -266,7 +287,7 @@ def render_html(records: Sequence[Record]) -> str:
     """One HTML table of ``records``, grouped by chapter, each group naming its source document."""
     if not records:
         return '<p class="ledger-empty">No ledger records were produced by this build.</p>'
-    head = "".join(f"<th>{h}</th>" for h in ("Claim", "Measured", "Expected", "Verdict", "Seeds", "Note"))
+    head = "".join(f"<th>{h}</th>" for h in ("Claim", "Measured", "Expected", "Verdict", "Evidence", "Note"))
     rows = []
     for chapter in dict.fromkeys(r.chapter for r in records):
         group = [r for r in records if r.chapter == chapter]
@@ -287,7 +308,14 @@ def _row(r: Record, show_source: bool) -> str:
             f"<td><code>{_e(r.id)}</code><br>{_e(r.claim)}{source}</td>"
             f"<td>{_e(measured)} {_e(r.unit)}</td><td><code>{_e(r.expected)}</code></td>"
             f'<td class="verdict-{_e(r.verdict)}">{_e(r.verdict)}</td>'
-            f"<td>{r.seeds}{mode}</td><td>{_e(r.note)}</td></tr>")
+            f"<td>{_e(_evidence(r))}{mode}</td><td>{_e(r.note)}</td></tr>")
+
+
+def _evidence(r: Record) -> str:
+    """``measured, 3 seeds`` for a measured record, else the kind alone."""
+    if r.evidence != "measured" or r.seeds is None:
+        return r.evidence
+    return f"measured, {r.seeds} seed{'s' if r.seeds != 1 else ''}"
 
 
 def _e(text: object) -> str:

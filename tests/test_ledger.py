@@ -523,7 +523,7 @@ def test_render_html_shows_verdict_measurement_and_quick_mode(tmp_path):
     page = ledger.render_html(led.records)
     assert '<td class="verdict-confirmed">confirmed</td>' in page
     assert "0.1235 s" in page
-    assert "<td>3 (quick)</td>" in page
+    assert "<td>measured, 3 seeds (quick)</td>" in page
     assert "floor" in page
 
 
@@ -592,3 +592,49 @@ def test_record_dataclass_is_frozen(book):
     with pytest.raises(AttributeError):
         rec.verdict = "refuted"
     assert isinstance(rec, Record)
+
+
+# ----- evidence kinds and the untestable verdict ----------------------------------------------------
+
+
+def test_evidence_kind_is_recorded_and_only_measured_records_have_seeds(tmp_path):
+    led = Ledger("ch01", directory=tmp_path)
+    measured = led.record("a", "claim", [0.5, 0.6, 0.7], "< 1")
+    identity = led.record("b", "an identity", 0.0, "== 0", evidence="analytic", seeds=3)
+    code = led.record("c", "a property of the code", 128, "== 128", evidence="code")
+    assert (measured.evidence, measured.seeds) == ("measured", 3)
+    assert (identity.evidence, identity.seeds) == ("analytic", None)
+    assert (code.evidence, code.seeds) == ("code", None)
+    page = ledger.render_html(led.records)
+    assert "<td>measured, 3 seeds</td>" in page and "<td>analytic</td>" in page and "<td>code</td>" in page
+    assert [r.evidence for r in ledger.load_records(tmp_path)] == ["measured", "analytic", "code"]
+    with pytest.raises(ValueError, match="unknown evidence 'guess'"):
+        led.record("d", "claim", 0.5, "< 1", evidence="guess")
+
+
+def test_a_failed_precondition_is_untestable_never_confirmed_or_refuted(tmp_path):
+    led = Ledger("ch01", directory=tmp_path)
+    spikes_original, spikes_fixed = 0, 0  # neither arm spiked: "fewer spikes" cannot be judged
+    for i, expected in enumerate(("< 0", ">= 0")):
+        record = led.record(f"fewer-spikes-{i}", "fewer spikes than the original",
+                            spikes_fixed - spikes_original, expected,
+                            precondition=spikes_original + spikes_fixed > 0, reason="neither arm spiked")
+        assert record.verdict == "untestable"
+        assert record.note.startswith("untestable: neither arm spiked")
+    assert led.require("osc", "a cause of the oscillation", 1.1, "> 1.5", precondition=False,
+                       reason="the original does not oscillate", verdict="untestable").verdict == "untestable"
+    page = ledger.render_html(led.records)
+    assert '<td class="verdict-untestable">untestable</td>' in page
+
+
+def test_untestable_needs_a_reason(tmp_path):
+    led = Ledger("ch01", directory=tmp_path)
+    with pytest.raises(ValueError, match="False needs a reason"):
+        led.record("a", "claim", 0.5, "< 1", precondition=False)
+
+
+def test_records_written_before_evidence_kinds_read_back_as_measured(tmp_path):
+    row = {"id": "a", "chapter": "ch01", "source": "", "claim": "c", "measured": 0.5, "expected": "< 1",
+           "unit": "", "verdict": "confirmed", "seeds": 1, "quick": True}
+    (tmp_path / "ch01.json").write_text(json.dumps([row]))
+    assert ledger.load_records(tmp_path)[0].evidence == "measured"
