@@ -4,6 +4,7 @@ the torch.optim contract (closure, schedulers, checkpoints)."""
 from __future__ import annotations
 
 import io
+import math
 from functools import partial
 
 import pytest
@@ -13,12 +14,19 @@ from torch import nn
 
 from nested_lab import runtime
 from nested_lab.data.corpus import CharCorpus
+from nested_lab.experiments import meta_loss_collapse as experiment
 from nested_lab.experiments.meta_loss_collapse import controller_saturation
 from nested_lab.models.char_mlp import CharMLP
 from nested_lab.optim import ContinuumConfig, ContinuumOptimizer, LRController, UnrollProblem
+from nested_lab.optim.continuum import ControllerTrace
 from nested_lab.optim.controller import group_stats, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import ProxyMetaLoss
-from nested_lab.optim.unrolled import AdamWHyper, unrolled_meta_gradient, unrolled_validation_loss
+from nested_lab.optim.unrolled import (
+    AdamWHyper,
+    swapped_unrolled_loss,
+    unrolled_meta_gradient,
+    unrolled_validation_loss,
+)
 
 
 def _regression(seed: int, dtype=torch.float64):
@@ -168,6 +176,59 @@ def test_multiplier_is_one_until_the_first_controller_call_then_pins():
     assert at_bounds.all()
 
 
+@pytest.mark.parametrize("update_freq", [3, 7, 50])
+def test_the_phase_change_follows_update_freq(update_freq):
+    """Backs ``metaloss.step-10-is-update-freq``: the first multiplier != 1 is at step ``update_freq``."""
+    opt = _train_charmlp(ContinuumConfig.original(update_freq=update_freq), seed=0, steps=update_freq + 2,
+                         weight_scale=30.0)
+    trajectory = torch.tensor(opt.trace.multipliers)
+    assert torch.equal(trajectory[:update_freq - 1], torch.ones(update_freq - 1, 2))
+    assert trajectory[update_freq - 1].ne(1.0).all()
+
+
+def test_the_proxy_warm_up_counts_controller_calls():
+    """Backs ``metaloss.first-10-steps-regularization``: 10 records are 10 controller calls, not 10 steps."""
+    opt = _train_charmlp(ContinuumConfig.shipped_fix(update_freq=5), seed=0, steps=60)
+    branches = dict(zip(opt.trace.update_steps, opt.trace.meta_branch, strict=True))
+    assert [step for step, branch in branches.items() if branch == "warmup"] == list(range(5, 50, 5))
+    assert branches[50] != "warmup"
+
+
+def test_the_shipped_fix_rescales_the_inputs():
+    """Backs ``metaloss.fix-changed-the-inputs``: the fix commit feeds log1p(norm) / 10, the original raw norms."""
+    stats = torch.tensor([[3.0, 1000.0, 0.6]])
+    assert ContinuumConfig.original().input_scaling == "raw"
+    assert torch.equal(scale_inputs(stats, ContinuumConfig.original().input_scaling), stats)
+    fixed = scale_inputs(stats, ContinuumConfig.shipped_fix().input_scaling)
+    assert fixed[0, 1].item() == pytest.approx(math.log1p(1000.0) / 10)
+    assert fixed[0, 0].item() == pytest.approx(math.log1p(3.0) / 10) and fixed[0, 2].item() == pytest.approx(0.6)
+
+
+def test_the_original_unrolled_trainer_gives_the_controller_no_gradient():
+    """Backs ``metaloss.original-unrolled-gives-no-gradient`` (``unroll_impl="original"``)."""
+    model = _two_group_model(0)
+    problem = UnrollProblem(model, F.mse_loss, lambda k: _BATCHES[:k], lambda: _BATCHES[-1])
+    controller = LRController(runtime.generator(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = swapped_unrolled_loss(controller, problem, base_lr=0.1, k=3)
+    assert all(g is None for g in torch.autograd.grad(loss, list(controller.parameters()), allow_unused=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert loss.item() == pytest.approx(F.mse_loss(model(_BATCHES[-1][0]), _BATCHES[-1][1]).item())
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()  # the in-place restore invalidated the saved parameters
+
+    config = ContinuumConfig.shipped_fix(meta_loss="unrolled", unroll_impl="original", update_freq=2,
+                                         unroll_steps=2)
+    opt = _optimizer(_two_group_model(0), config, controller_seed=1)
+    weights = [p.detach().clone() for p in opt.controller.parameters()]
+    _train(opt.problem.model, opt, range(6))
+    assert opt.trace.meta_grad_norm == [0.0, 0.0, 0.0]
+    assert all(torch.equal(a, b) for a, b in zip(weights, opt.controller.parameters(), strict=True))
+    functional = _optimizer(_two_group_model(0), config.with_(unroll_impl="functional"), controller_seed=1)
+    _train(functional.problem.model, functional, range(6))
+    assert all(n > 0 for n in functional.trace.meta_grad_norm)
+
+
 def test_same_seed_same_trajectory():
     config = ContinuumConfig.shipped_fix(update_freq=5)
     a = _train_charmlp(config, seed=1, steps=20).trace
@@ -195,6 +256,7 @@ def test_group_stats_sum_the_norms():
     ({"input_scaling": "sqrt"}, "allowed: raw, log1p"),
     ({"meta_loss": "magic"}, "allowed: regularization, proxy, unrolled, hypergradient"),
     ({"variant": "deeper"}, "allowed: continuum, deep_nested"),
+    ({"unroll_impl": "data"}, "allowed: functional, original"),
     ({"controller_lr": 0.0}, "controller_lr must be finite and > 0"),
     ({"betas": (0.9, 1.0)}, r"betas\[1\] must be finite and in \[0, 1\)"),
 ])
@@ -346,3 +408,42 @@ def test_a_loss_passed_as_the_closure_is_a_clear_error():
     opt = ContinuumOptimizer([{"params": model.parameters()}], ContinuumConfig(), runtime.generator(0))
     with pytest.raises(TypeError, match=r"closure must be callable \(pass the loss as step\(loss=...\)\)"):
         opt.step(F.mse_loss(model(x), y).item())
+
+
+# ----- chapter 1's summaries ---------------------------------------------------------------------
+
+
+def _run(multipliers: list[list[float]], raw: list[list[float]], update_steps: list[int]) -> experiment.RunResult:
+    trace = ControllerTrace(multipliers=multipliers, update_steps=update_steps, raw=raw)
+    return experiment.RunResult(ContinuumConfig.original(), 0, [0.0] * len(multipliers), 0.0, trace, 0.0)
+
+
+def test_bound_jumps_count_moves_between_bounds_through_free_calls():
+    m = [[1.0, 1.0], [1.0, 0.1], [1.0, 1.2], [1.0, 2.0], [1.0, 2.0], [1.0, 0.1]]
+    raw = [[0.0, -9.0], [0.0, 0.5], [0.0, 9.0], [0.0, 9.0], [0.0, -9.0]]
+    jumps = experiment.bound_jumps([_run(m, raw, [2, 3, 4, 5, 6]), _run([[1.0, 0.1]] * 3, [[0.0, -9.0]] * 3,
+                                                                        [1, 2, 3])])
+    assert jumps.jumps == [2, 0] and jumps.transit_calls == [1, 0] and jumps.sign_changes == [2, 0]
+    assert jumps.runs_with_a_jump == 1
+
+
+def test_the_stagnating_branch_settles_at_a_distance_of_0_05_from_one():
+    pull = experiment.stagnation_pull([2.0, 2.0, 0.6], [0, 1, 2], steps=300)
+    assert torch.allclose((pull.final_m - 1).abs(), torch.full((3,), 0.05), atol=5e-3)
+    assert pull.distance_change.tolist() == pytest.approx(((pull.final_m - 1).abs()
+                                                           - (pull.start_m - 1).abs()).tolist())
+
+
+def test_the_fix_ablation_arms_are_one_field_changes():
+    original = ContinuumConfig.original(update_freq=10)
+    arms = experiment.fix_ablation(original)
+    assert arms["neither (original)"] == original
+    assert arms["log1p inputs alone"] == original.with_(input_scaling="log1p")
+    assert arms["proxy meta-loss alone"] == original.with_(meta_loss="proxy")
+    assert arms["both (shipped fix)"] == ContinuumConfig.shipped_fix(update_freq=10)
+
+
+def test_the_oracle_picks_the_best_rate_per_seed():
+    oracle = experiment.Oracle({1e-3: [2.0, 1.0], 1e-2: [1.5, 1.2]}, {1e-3: 1.0, 1e-2: 1.0})
+    assert oracle.best_lr_per_seed() == [1e-2, 1e-3]
+    assert oracle.best_lr == 1e-2 and oracle.val_loss[1e-2] == pytest.approx(1.35)

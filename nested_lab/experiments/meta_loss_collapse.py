@@ -6,13 +6,18 @@
 * the controller alone on fixed statistics, the measurement the original
   recorded (:func:`controller_saturation`);
 * the chapter's summaries: the collapse at the first controller call
-  (:func:`first_call_collapse`), the saturation table, the fixed-rate oracle
-  and the comparison of learned controllers with it.
+  (:func:`first_call_collapse`) and the jumps between bounds
+  (:func:`bound_jumps`), the saturation table, the shipped fix's two changes
+  apart (:func:`fix_ablation`), where the proxy's branches lead
+  (:func:`regularization_span`, :func:`stagnation_pull`), the shipped
+  ``UnrolledMetaTrainer``'s missing gradient (:func:`original_unrolled_gradients`),
+  the fixed-rate oracle and the comparison of learned controllers with it.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ from nested_lab.optim import ContinuumConfig, ContinuumOptimizer, UnrollProblem
 from nested_lab.optim.continuum import ControllerTrace
 from nested_lab.optim.controller import LRController, multiplier, scale_inputs
 from nested_lab.optim.ensemble import ContinuumEnsemble
-from nested_lab.optim.meta_losses import regularization_loss
+from nested_lab.optim.meta_losses import ProxyMetaLoss, regularization_loss
 from nested_lab.parameters import check_positive_ints, check_range
 
 # ----- the workload ----------------------------------------------------------------------------
@@ -236,6 +241,34 @@ def first_call_collapse(runs: list[RunResult], update_freq: int) -> Collapse:
                     pinned_side(memory_m[:, -1]), pinned_grads)
 
 
+@dataclass(frozen=True)
+class BoundJumps:
+    """Moves of one group's multiplier from one bound to the other, over the controller calls of each run."""
+
+    jumps: list[int]  # per run: bound-to-bound moves (free calls in between allowed)
+    transit_calls: list[int]  # per jump: free controller calls between the two bounds
+    sign_changes: list[int]  # per run: controller calls at which raw changed sign
+
+    @property
+    def runs_with_a_jump(self) -> int:
+        return sum(n > 0 for n in self.jumps)
+
+
+def bound_jumps(runs: list[RunResult], group: int = 1) -> BoundJumps:
+    """Per run, the moves of group ``group``'s multiplier from one bound to the other (read at the
+    controller calls, free calls in between allowed), and the calls at which its ``raw`` changed sign."""
+    jumps, transits, signs = [], [], []
+    for r in runs:
+        sides = pinned_side(r.multipliers[[step - 1 for step in r.trace.update_steps], group])
+        pinned = [(i, side) for i, side in enumerate(sides) if side != "free"]
+        moves = [(b[0] - a[0] - 1) for a, b in itertools.pairwise(pinned) if a[1] != b[1]]
+        jumps.append(len(moves))
+        transits.extend(moves)
+        raw = torch.tensor(r.trace.raw)[:, group]
+        signs.append(int((torch.sign(raw[1:]) != torch.sign(raw[:-1])).sum()))
+    return BoundJumps(jumps, transits, signs)
+
+
 # ----- section 3: the controller alone -----------------------------------------------------------
 
 
@@ -296,6 +329,84 @@ def _train_controller(controller: LRController, stats: torch.Tensor, steps: int,
 # ----- section 4: the shipped fix ----------------------------------------------------------------
 
 
+def fix_ablation(original: ContinuumConfig) -> dict[str, ContinuumConfig]:
+    """The shipped fix's two changes apart, each a one-field change of ``original``."""
+    return {"neither (original)": original, "log1p inputs alone": original.with_(input_scaling="log1p"),
+            "proxy meta-loss alone": original.with_(meta_loss="proxy"),
+            "both (shipped fix)": original.with_(input_scaling="log1p", meta_loss="proxy")}
+
+
+def pinned_fraction(run: RunResult) -> float:
+    """The fraction of the run's groups whose final multiplier sits at a bound."""
+    sides = pinned_side(run.multipliers[-1], run.config.min_lr_mult, run.config.max_lr_mult)
+    return sum(side != "free" for side in sides) / len(sides)
+
+
+def ablation_table(results: Mapping[str, list[RunResult]]) -> pd.DataFrame:
+    """Per arm: the mean and standard deviation over seeds of the pinned fraction and the validation loss."""
+    rows = []
+    for name, rs in results.items():
+        pinned = torch.tensor([pinned_fraction(r) for r in rs], dtype=torch.float64)
+        val = torch.tensor([r.val_loss for r in rs], dtype=torch.float64)
+        rows.append({"arm": name, "inputs": rs[0].config.input_scaling, "meta-loss": rs[0].config.meta_loss,
+                     "pinned": pinned.mean().item(), "pinned sd": _sd(pinned),
+                     "val loss": val.mean().item(), "val loss sd": _sd(val), "seeds": len(rs)})
+    return pd.DataFrame(rows)
+
+
+def _sd(values: torch.Tensor) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    return values.std().item() if len(values) > 1 else 0.0
+
+
+def regularization_span(run: RunResult) -> int:
+    """The last training step whose meta-step fell back to the regularization (the proxy's warm-up)."""
+    steps = [step for step, branch in zip(run.trace.update_steps, run.trace.meta_branch, strict=True)
+             if branch == "warmup"]
+    if not steps:
+        raise ValueError("the run took no warm-up meta-step")
+    return steps[-1]
+
+
+@dataclass(frozen=True)
+class StagnationPull:
+    """The controller alone on the proxy's stagnating branch: the multiplier before and after."""
+
+    start_m: torch.Tensor  # [seeds]
+    final_m: torch.Tensor  # [seeds]
+
+    @property
+    def distance_change(self) -> torch.Tensor:
+        """``|m_end - 1| - |m_start - 1|``: > 0 where the branch moved the multiplier away from 1."""
+        return (self.final_m - 1).abs() - (self.start_m - 1).abs()
+
+
+def stagnation_pull(stats: list[float], seeds: list[int], steps: int = 300, controller_lr: float = 1e-3,
+                    low: float = 0.1, high: float = 2.0) -> StagnationPull:
+    """A fresh controller per seed on fixed statistics ``stats`` (one group), ``steps`` clipped Adam
+    steps of the proxy meta-loss held in its stagnating branch (a flat loss history)."""
+    check_positive_ints(steps=steps)
+    check_range("number of seeds", len(seeds), 1, integer=True)
+    inputs = torch.tensor([stats], dtype=torch.float32)
+    proxy = ProxyMetaLoss(window=2, threshold=1e-3, warmup=2)
+    for _ in range(2):
+        proxy.record(1.0, torch.ones(1))
+    start, final = torch.zeros(len(seeds)), torch.zeros(len(seeds))
+    for j, seed in enumerate(seeds):
+        controller = LRController(runtime.generator(seed))
+        start[j] = multiplier(controller(inputs).detach(), low, high)[0]
+        opt = torch.optim.Adam(controller.parameters(), lr=controller_lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            proxy(multiplier(controller(inputs), low, high)).backward()
+            torch.nn.utils.clip_grad_norm_(controller.parameters(), 1.0)
+            opt.step()
+        final[j] = multiplier(controller(inputs).detach(), low, high)[0]
+    if proxy.last_branch != "stagnating":
+        raise RuntimeError(f"the proxy left its stagnating branch ({proxy.last_branch})")
+    return StagnationPull(start, final)
+
+
 def improving_meta_grad_norms(runs: list[RunResult]) -> list[float]:
     """Controller gradient norms of every proxy meta-step taken in the "improving" branch."""
     return [norm for r in runs for norm, branch in zip(r.trace.meta_grad_norm, r.trace.meta_branch, strict=True)
@@ -305,22 +416,50 @@ def improving_meta_grad_norms(runs: list[RunResult]) -> list[float]:
 # ----- section 5: learned controllers against the best fixed rate --------------------------------
 
 
+def original_unrolled_gradients(seed: int, norm_scale: float, unroll_steps: int = 5,
+                                task: CharTask = CharTask()) -> tuple[int, int]:
+    """One controller call of ``meta_loss="unrolled"`` with ``unroll_impl="original"`` (the shipped
+    ``UnrolledMetaTrainer``) on the workload: (controller parameters that received a gradient, all of them)."""
+    config = ContinuumConfig.shipped_fix(meta_loss="unrolled", unroll_impl="original", update_freq=1,
+                                         unroll_steps=unroll_steps)
+    data_gen = runtime.generator(seed + 1_000)
+    model = task.model(seed, norm_scale)
+    optimizer = ContinuumOptimizer(model.param_groups(), config, runtime.generator(seed + 2_000),
+                                   _unroll_problem(model, task, data_gen))
+    batch = corpus().batch("train", task.batch_size, task.context, data_gen)
+    optimizer.step(partial(_loss_and_gradients, model, optimizer, batch))
+    params = list(optimizer.controller.parameters())
+    return sum(p.grad is not None for p in params), len(params)
+
+
 @dataclass(frozen=True)
 class Oracle:
-    """Plain AdamW at each fixed learning rate: mean validation loss and wall time per run."""
+    """Plain AdamW at each fixed learning rate: validation loss per seed, mean wall time per run."""
 
-    val_loss: dict[float, float]
+    seed_val_loss: dict[float, list[float]]
     seconds: dict[float, float]
+
+    @property
+    def val_loss(self) -> dict[float, float]:
+        """Mean validation loss over the seeds, per learning rate."""
+        return {lr: _mean(values) for lr, values in self.seed_val_loss.items()}
 
     @property
     def best_lr(self) -> float:
         return min(self.val_loss, key=self.val_loss.get)
 
+    def best_lr_per_seed(self) -> list[float]:
+        """The best learning rate of the grid for each seed alone."""
+        lrs = list(self.seed_val_loss)
+        per_seed = zip(*self.seed_val_loss.values(), strict=True)
+        return [lrs[min(range(len(lrs)), key=values.__getitem__)] for values in per_seed]
 
-def fixed_lr_oracle(lrs: list[float], seeds: list[int], steps: int) -> Oracle:
+
+def fixed_lr_oracle(lrs: list[float], seeds: list[int], steps: int, norm_scale: float = 1.0) -> Oracle:
     """:func:`run_many` with plain AdamW at every learning rate of ``lrs``."""
-    runs = {lr: run_many(None, seeds, steps, desc=f"lr {lr:g}", fixed_lr=lr) for lr in lrs}
-    return Oracle({lr: _mean(r.val_loss for r in rs) for lr, rs in runs.items()},
+    runs = {lr: run_many(None, seeds, steps, desc=f"lr {lr:g}", fixed_lr=lr, norm_scale=norm_scale)
+            for lr in lrs}
+    return Oracle({lr: [r.val_loss for r in rs] for lr, rs in runs.items()},
                   {lr: _mean(r.seconds for r in rs) for lr, rs in runs.items()})
 
 
@@ -335,15 +474,31 @@ def learned_methods(original: ContinuumConfig, shipped: ContinuumConfig,
     return methods
 
 
+def oracle_ratios(runs: list[RunResult], oracle: Oracle) -> list[float]:
+    """Per run: its validation loss over the oracle's (the best fixed rate's mean validation loss)."""
+    best = oracle.val_loss[oracle.best_lr]
+    return [r.val_loss / best for r in runs]
+
+
+def controller_rate(config: ContinuumConfig) -> float:
+    """The rate at which the multiplier learns: Adam-HD's step size, else the controller's Adam lr."""
+    return config.hypergradient_lr if config.meta_loss == "hypergradient" else config.controller_lr
+
+
 def comparison_table(results: Mapping[str, list[RunResult]], oracle: Oracle) -> pd.DataFrame:
-    """Per method: validation loss relative to the oracle's best, wall time relative to one plain
-    run at lr 1e-3 (at the best rate if 1e-3 is not in the grid), final core-group multiplier."""
+    """Per method: its ceiling and controller learning rate; validation loss relative to the oracle's
+    best (mean and sd over seeds), wall time relative to one plain run at lr 1e-3 (at the best rate if
+    1e-3 is not in the grid), final core-group multiplier."""
     plain_seconds = oracle.seconds[1e-3 if 1e-3 in oracle.seconds else oracle.best_lr]
-    return pd.DataFrame([{
-        "method": name, "val loss / oracle": _mean(r.val_loss for r in rs) / oracle.val_loss[oracle.best_lr],
-        "cost / plain run": _mean(r.seconds for r in rs) / plain_seconds,
-        "final m (core)": _mean(r.multipliers[-1, 0].item() for r in rs),
-    } for name, rs in results.items()])
+    rows = []
+    for name, rs in results.items():
+        ratios = torch.tensor(oracle_ratios(rs, oracle), dtype=torch.float64)
+        rows.append({"method": name, "ceiling": rs[0].config.max_lr_mult,
+                     "controller lr": controller_rate(rs[0].config),
+                     "val loss / oracle": ratios.mean().item(), "sd": _sd(ratios),
+                     "cost / plain run": _mean(r.seconds for r in rs) / plain_seconds,
+                     "final m (core)": _mean(r.multipliers[-1, 0].item() for r in rs)})
+    return pd.DataFrame(rows)
 
 
 def _mean(values) -> float:

@@ -9,6 +9,9 @@ named option of :class:`ContinuumConfig`:
 * ``meta_loss``: ``"regularization"`` (original) | ``"proxy"`` (the shipped fix) |
   ``"unrolled"`` (a correct k-step meta-gradient) | ``"hypergradient"``
   (Baydin et al. 2018, Adam-HD on the multiplier, no controller);
+* ``unroll_impl`` (for ``meta_loss="unrolled"``): ``"functional"`` (the correct
+  meta-gradient) | ``"original"`` (the shipped ``UnrolledMetaTrainer``, whose
+  loss never depends on the controller: no gradient reaches it);
 * ``variant``: ``"continuum"`` (controller every ``update_freq`` steps, its
   multiplier applied at once, then one meta-step) | ``"deep_nested"``
   (DeepNestedOptimizer: controller under no_grad every step, meta-step every
@@ -28,11 +31,12 @@ from torch import nn
 
 from nested_lab.optim.controller import INPUT_SCALINGS, LRController, group_stats, multiplier, scale_inputs
 from nested_lab.optim.meta_losses import ProxyMetaLoss, regularization_loss
-from nested_lab.optim.unrolled import AdamWHyper, UnrollProblem, unrolled_meta_gradient
+from nested_lab.optim.unrolled import AdamWHyper, UnrollProblem, swapped_unrolled_loss, unrolled_meta_gradient
 from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
 META_LOSSES = ("regularization", "proxy", "unrolled", "hypergradient")
 VARIANTS = ("continuum", "deep_nested")
+UNROLL_IMPLS = ("functional", "original")
 _COUNTS = ("update_freq", "meta_update_freq", "unroll_steps", "proxy_window", "proxy_warmup")
 _POSITIVE = ("lr", "controller_lr", "controller_clip", "eps", "hypergradient_lr", "min_lr_mult")
 
@@ -55,6 +59,7 @@ class ContinuumConfig:
     min_lr_mult: float = 0.1
     max_lr_mult: float = 2.0
     unroll_steps: int = 5
+    unroll_impl: str = "functional"
     hypergradient_lr: float = 1e-3
     proxy_window: int = 100
     proxy_threshold: float = 1e-3
@@ -64,6 +69,7 @@ class ContinuumConfig:
         check_choice("input_scaling", self.input_scaling, INPUT_SCALINGS)
         check_choice("meta_loss", self.meta_loss, META_LOSSES)
         check_choice("variant", self.variant, VARIANTS)
+        check_choice("unroll_impl", self.unroll_impl, UNROLL_IMPLS)
         check_positive_ints(**{name: getattr(self, name) for name in _COUNTS})
         for name in _POSITIVE:
             check_range(name, getattr(self, name), 0, low_open=True)
@@ -250,6 +256,8 @@ class ContinuumOptimizer(torch.optim.AdamW):
 
     def _unrolled_gradients(self) -> float:
         cfg = self.config
+        if cfg.unroll_impl == "original":
+            return self._original_unrolled_gradients()
         names = {id(p): name for name, p in self.problem.model.named_parameters()}
         group_of = {names[id(p)]: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         state = {names[id(p)]: self._adam_state(p) for g in self.param_groups for p in g["params"]}
@@ -261,6 +269,17 @@ class ContinuumOptimizer(torch.optim.AdamW):
         for name, p in self.controller.named_parameters():
             p.grad = grads[name].detach()
         return value
+
+    def _original_unrolled_gradients(self) -> float:
+        """The shipped ``UnrolledMetaTrainer``: each controller parameter's gradient is what autograd
+        finds from its meta-loss to it -- None for every one (see :func:`swapped_unrolled_loss`)."""
+        value = swapped_unrolled_loss(self.controller, self.problem, self.param_groups[0]["lr"],
+                                      self.config.unroll_steps)
+        params = list(self.controller.parameters())
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return float(value.detach())
 
     def _adam_state(self, p: nn.Parameter) -> tuple:
         state = self.state.get(p, {})

@@ -97,3 +97,52 @@ def unrolled_meta_gradient(controller: nn.Module, stats: torch.Tensor, problem: 
         controller_params, controller, stats, problem, params, state, group_of, base_lrs, bounds, hyper,
         batches, val)
     return grads, float(value)
+
+
+def swapped_unrolled_loss(controller: nn.Module, problem: UnrollProblem, base_lr: float, k: int,
+                          momentum: float = 0.9) -> torch.Tensor:
+    """The original ``UnrolledMetaTrainer.compute_meta_loss``, with its defect (``unroll_impl="original"``).
+
+    Meant: ``k`` momentum-SGD steps ``p - base_lr * m * update`` on copies of the
+    parameters, ``m`` from the controller, then the validation loss. As shipped,
+    every loss is evaluated by copying the copies' values into ``param.data``,
+    so it depends on the model's own parameters, not on the copies: the
+    gradient with respect to each copy is None, no step changes anything, the
+    controller is never consulted (``m`` would be ``.item()``, off the graph
+    anyway), and the returned loss is the validation loss at the unchanged
+    parameters. The model is finally restored in place (``param.copy_`` under
+    ``no_grad``), so a ``backward()`` of the loss through a saved parameter raises.
+    Returns that loss; nothing in it depends on ``controller``.
+    """
+    model = problem.model
+    start = {name: p.clone() for name, p in model.named_parameters()}
+    current = {name: p.detach().requires_grad_(True) for name, p in start.items()}
+    buffers = {name: torch.zeros_like(p) for name, p in current.items()}
+    for batch in problem.train_batches(k)[:k]:
+        loss = _loss_through_data(problem, current, batch)
+        grads = torch.autograd.grad(loss, list(current.values()), allow_unused=True)
+        for (name, p), g in zip(list(current.items()), grads, strict=True):
+            if g is None:  # always, as in the original: the loss never saw ``current``
+                continue
+            stats = torch.stack([g.norm(), p.norm(), torch.tensor(0.5)]).unsqueeze(0)
+            m = controller(stats)[0].item()
+            buffers[name] = momentum * buffers[name] + g
+            current[name] = p - base_lr * m * buffers[name]
+    meta_loss = _loss_through_data(problem, current, problem.val_batch())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(start[name])
+    return meta_loss
+
+
+def _loss_through_data(problem: UnrollProblem, params: Params, batch: Batch) -> torch.Tensor:
+    """The loss of ``problem.model`` after copying ``params`` into each ``param.data`` (then restored)."""
+    saved = {name: p.data.clone() for name, p in problem.model.named_parameters()}
+    for name, p in problem.model.named_parameters():
+        p.data.copy_(params[name])
+    try:
+        inputs, targets = batch
+        return problem.loss_fn(problem.model(inputs), targets)
+    finally:
+        for name, p in problem.model.named_parameters():
+            p.data.copy_(saved[name])
