@@ -91,6 +91,7 @@ def test_printed_schedule_is_step_mod_chunk_and_differs_from_the_correct_one():
 
 def test_the_replica_printout_is_reproduced_and_its_run_is_not():
     assert printed_lines_reproduced((8, 32, 128)) == 6
+    assert printed_lines_reproduced((8, 32, 128), "correct") == 4  # the comparison can fail
     loop = count_changes("original", (8, 32, 128), 40, seed=0)
     assert loop.change_counts == (40, 40, 40)
     assert count_changes("correct", (8, 32, 128), 40, seed=0).change_counts == (5, 1, 0)

@@ -106,9 +106,46 @@ def test_truncated_unroll_differs_from_the_full_one():
     assert any(not torch.allclose(full[n], last[n]) for n in full)
 
 
+def test_commit_4f2b189_steps_like_the_rebuild_and_hands_the_memory_no_gradient():
+    """Commit 4f2b189 writes its step into p.data: the inner loop is the same, but autograd finds
+    no path from the validation loss to the memory, so a meta-step leaves it as it was."""
+    memory, task = tiny_task()
+    stepped = dmgd.detached_unroll(memory, task, LR, BETA)
+    final, _ = dmgd.unroll(memory, dict(memory.named_parameters()), task, LR, BETA)
+    for name, p in stepped.named_parameters():
+        torch.testing.assert_close(p.detach(), final[name].detach())
+        assert not torch.equal(p.detach(), task.params[name])
+    gradient = dmgd.task_meta_gradient(memory, task, LR, BETA, rule="detached")
+    assert all(not g.any() for g in gradient.values())
+    before = [p.detach().clone() for p in memory.parameters()]
+    optimizer = dmgd.NestedDeepMomentumGD(task.model.named_parameters(), memory=memory, lr=LR, momentum=BETA,
+                                          meta_gradient="detached")
+    for _ in range(3):
+        optimizer.meta_step(task)
+    assert all(torch.equal(p, b) for p, b in zip(memory.parameters(), before, strict=True))
+    optimizer.meta_gradient = "original"
+    optimizer.meta_step(task)
+    assert any(not torch.equal(p, b) for p, b in zip(memory.parameters(), before, strict=True))
+
+
+def test_memory_reads_the_momentum_and_starts_at_xavier_gain_001():
+    assert chapter.momentum_sensitivity(0) == 1.0
+    ratios = chapter.init_bound_ratios(0)
+    assert len(ratios) == 4 and all(0.9 <= r <= 1.0 for r in ratios)
+    assert all(r < 0.02 for r in chapter.init_bound_ratios(0, gain=1.0))  # another gain is far off
+
+
+def test_meta_step_follows_its_own_gradient_and_climbs_the_true_meta_loss():
+    directions = chapter.step_directions([0], 2)
+    shipped = directions[directions["rule"] == "original"]
+    assert (shipped["cos_own"] > 0).all() and (shipped["cos_true"] < 0).all()
+    old = directions[directions["rule"] == "detached"]
+    assert (old["update_norm"] == 0).all() and old["cos_own"].isna().all()
+
+
 def test_bad_inputs():
     model = nn.Linear(3, 1)
-    with pytest.raises(ValueError, match="unknown meta_gradient 'sign'; allowed: original, unrolled"):
+    with pytest.raises(ValueError, match="unknown meta_gradient 'sign'; allowed: original, unrolled, detached"):
         dmgd.NestedDeepMomentumGD(model.named_parameters(), meta_gradient="sign")
     with pytest.raises(ValueError, match="lr must be finite and > 0"):
         dmgd.NestedDeepMomentumGD(model.named_parameters(), lr=0.0)

@@ -59,6 +59,30 @@ def test_meta_training_is_deterministic_and_reports_the_replica_statistics():
     assert all(row["improvement"] == row["pre"] - row["post"] for row in runs[0])
 
 
+def test_meta_training_takes_no_validation_tasks_and_validates_on_a_fresh_batch_of_each_task():
+    from nested_lab.experiments import nested_optimizers as chapter
+
+    assert chapter.validation_arguments() == 0
+    ml = learner("meta_batch")
+    inner = ml.inner_task(meta.regression_tasks(1, runtime.generator(1))[0])
+    (train_x, _), (val_x, _) = inner.train_batches[0], inner.val_batch
+    assert not torch.equal(train_x, val_x)
+
+
+def test_sinusoid_fit_recovers_amplitude_and_phase():
+    from nested_lab.experiments import nested_optimizers as chapter
+
+    fit = chapter.sinusoid_fit(20, seed=3)
+    generator = runtime.generator(3)
+    for row in fit.itertuples():
+        amplitude = 0.1 + 5.0 * float(torch.rand((), generator=generator))
+        phase = torch.pi * float(torch.rand((), generator=generator))
+        assert row.amplitude == pytest.approx(amplitude, rel=1e-4)
+        assert row.phase == pytest.approx(phase, abs=1e-4)
+    checks = chapter.sinusoid_checks([0], count=200)
+    assert 4.9 < checks["max_amplitude"].iloc[0] <= 5.1 and checks["phase_in_range"].iloc[0] == 1.0
+
+
 def test_mlp_is_seeded_by_its_generator():
     first, second = (meta.mlp([3, 5, 1], runtime.generator(4)) for _ in range(2))
     for a, b in zip(first.parameters(), second.parameters(), strict=True):

@@ -23,6 +23,7 @@ Three parts, each built on a mechanism below:
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +37,7 @@ from torch import nn
 
 from nested_lab import runtime
 from nested_lab.data.drift import drift_stream
-from nested_lab.memory.cms import TRAINERS, ContinuumMemory, ContinuumMemoryTrainer
+from nested_lab.memory.cms import TRAINERS, ContinuumMemory, ContinuumMemoryTrainer, update_schedule
 from nested_lab.optim import dmgd, meta
 from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
@@ -125,8 +126,10 @@ def original_reproduction(seed: int, iterations: int, rule: str = "original", me
     shipped, probing the memory-gradient cosine before and after every meta-step (``rule="unrolled"``
     swaps in the correct gradient and nothing else). At iteration 0, every checkpoint and the end,
     ``eval_tasks`` new tasks are trained with the optimizer for ``eval_steps`` steps.
-    Returns the curve (``iteration, alignment, pre, post, improvement``) and {iteration: the
-    median over the new tasks of the losses :func:`solve` returns}."""
+    Returns the curve (``iteration, alignment, pre, post, improvement``, and ``step_size``, the
+    :func:`first_step_size` on the probe, at iteration 0, every checkpoint and the end) and
+    {iteration: the median over the new tasks of the losses :func:`solve` returns}.
+    ``rule="detached"`` is commit 4f2b189, whose meta-steps reach no memory parameter."""
     if any(not 0 < c < iterations for c in checkpoints):
         raise ValueError(f"checkpoints must lie strictly between 0 and iterations={iterations}, got {list(checkpoints)}")
     learner, distribution = replica_learner(seed, family, rule, meta_lr)
@@ -144,12 +147,25 @@ def original_reproduction(seed: int, iterations: int, rule: str = "original", me
 
     curves = [pd.DataFrame([{"iteration": 0, "probe": probe()}])]
     trajectories = {0: trajectory()}
+    sizes = {0: first_step_size(memory, probe_model, probe_batch, learner.lr)}
     bounds = [0, *sorted(checkpoints), iterations]
     for done, until in itertools.pairwise(bounds):
         part = pd.DataFrame(learner.meta_train(distribution, until - done, probe=probe, show_progress=False))
         curves.append(part.assign(iteration=part["iteration"] + done))
         trajectories[until] = trajectory()
-    return pd.concat(curves, ignore_index=True).rename(columns={"probe": "alignment"}), trajectories
+        sizes[until] = first_step_size(memory, probe_model, probe_batch, learner.lr)
+    curve = pd.concat(curves, ignore_index=True).rename(columns={"probe": "alignment"})
+    return curve.assign(step_size=curve["iteration"].map(sizes)), trajectories
+
+
+def first_step_size(memory: dmgd.LearnedMomentum, model: nn.Module, batch: dmgd.Batch, lr: float) -> float:
+    """The norm of the optimizer's first step from ``model`` on ``batch`` (zero momentum):
+    ``lr * |memory output|``, all tensors together."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    gradients = torch.func.grad(dmgd.InnerTask(model, params, [batch], batch).loss)(params, batch)
+    with torch.no_grad():
+        outputs = memory(gradients, {name: torch.zeros_like(g) for name, g in gradients.items()})
+    return lr * float(torch.cat([out.flatten() for out in outputs.values()]).norm())
 
 
 def meta_train(family: str, seed: int, iterations: int, rule: str = "unrolled",
@@ -297,6 +313,121 @@ def pretraining_ratios(runs: Runs) -> list[float]:
             for (rule, _), (curve, _) in runs.items() if rule == "original"]
 
 
+def momentum_sensitivity(seed: int) -> float:
+    """The share of the replica's memories (one per tensor of the regression model) whose output
+    changes when only the momentum input changes (the gradient held fixed)."""
+    generator = runtime.generator(seed)
+    memory = dmgd.LearnedMomentum.for_model(model_fn("regression")(generator), generator=generator)
+    changed = []
+    with torch.no_grad():
+        for module in memory.memories.values():
+            numel = module.network[-1].out_features
+            gradient = torch.randn(numel, generator=generator)
+            momenta = torch.zeros(numel), torch.randn(numel, generator=generator)
+            changed.append(not torch.equal(module(gradient, momenta[0]), module(gradient, momenta[1])))
+    return float(np.mean(changed))
+
+
+def init_bound_ratios(seed: int, gain: float = 0.01) -> list[float]:
+    """Per linear layer of the replica's memories (regression model): the largest |weight| over the
+    Xavier-uniform bound ``gain * sqrt(6 / (fan_in + fan_out))`` -- just under 1 for that
+    initialisation, far from it for another gain."""
+    generator = runtime.generator(seed)
+    memory = dmgd.LearnedMomentum.for_model(model_fn("regression")(generator), generator=generator)
+    layers = [m for m in memory.modules() if isinstance(m, nn.Linear)]
+    return [float(layer.weight.detach().abs().max()) / (gain * math.sqrt(6 / (layer.in_features + layer.out_features)))
+            for layer in layers]
+
+
+def step_growth(runs: Runs, rule: str) -> list[float]:
+    """Per seed of ``rule``: the share of consecutive checkpoints (0, ..., the end) at which the
+    optimizer's first step on the probe (:func:`first_step_size`) is larger than at the one before."""
+    shares = []
+    for (name, _), (curve, _) in runs.items():
+        if name == rule:
+            sizes = curve["step_size"].dropna().to_numpy()
+            shares.append(float(np.mean(np.diff(sizes) > 0)))
+    return shares
+
+
+def step_size_ratio(runs: Runs, rule: str) -> list[float]:
+    """Per seed of ``rule``: the first step on the probe after meta-training over that before."""
+    return [float(curve["step_size"].dropna().iloc[-1] / curve["step_size"].iloc[0])
+            for (name, _), (curve, _) in runs.items() if name == rule]
+
+
+def untrained_growth(runs: Runs) -> list[float]:
+    """Per seed: :func:`loss_growth` on the new tasks of the optimizer before any meta-step (the
+    memory as initialised; the replica's rule, though both rules start from the same memory)."""
+    return [loss_growth(trajectories[0]) for (rule, _), (_, trajectories) in runs.items() if rule == "original"]
+
+
+def runs_complete(runs: Runs, rule: str, iterations: int) -> list[float]:
+    """Per seed of ``rule``: 1 if meta-training ran all ``iterations`` meta-steps with finite
+    statistics, else 0."""
+    return [float(len(curve) == iterations + 1 and bool(np.isfinite(curve[["pre", "post"]].iloc[1:]).all().all()))
+            for (name, _), (curve, _) in runs.items() if name == rule]
+
+
+def growth_change(runs: Runs, rule: str, iterations: int) -> list[float]:
+    """Per seed of ``rule``: :func:`loss_growth` on the new tasks after meta-training over that before."""
+    return [loss_growth(trajectories[iterations]) / loss_growth(trajectories[0])
+            for (name, _), (_, trajectories) in runs.items() if name == rule]
+
+
+def commit_4f2b189_runs(seeds: Sequence[int], iterations: int) -> Runs:
+    """:func:`original_reproduction` with ``rule="detached"`` (commit 4f2b189) per seed; keys
+    ``("detached", seed)``. (At 4f2b189 every task also built fresh memories; here they are
+    shared, which makes no difference when no gradient reaches them.)"""
+    return {("detached", seed): original_reproduction(seed, iterations, rule="detached")
+            for seed in runtime.progress(seeds, desc="commit 4f2b189", leave=False)}
+
+
+def alignment_shift(runs: Runs, rule: str) -> list[float]:
+    """Per seed of ``rule``: cos(memory output, gradient) after meta-training minus before."""
+    return [float(curve["alignment"].iloc[-1] - curve["alignment"].iloc[0])
+            for (name, _), (curve, _) in runs.items() if name == rule]
+
+
+def meta_step_directions(seed: int, steps: int, rule: str = "original") -> pd.DataFrame:
+    """``steps`` meta-steps of the replica's learner (:func:`replica_learner`); per step: the norm
+    of the memory's parameter change, its cosine with minus the gradient the step descended
+    (``cos_own``), and with minus the true meta-gradient of the same meta-batch, the mean
+    validation loss after the five inner steps, unrolled (``cos_true``; NaN for a zero change)."""
+    learner, distribution = replica_learner(seed, rule=rule)
+    rows = []
+    for step in range(steps):
+        picks = torch.randint(len(distribution), (4,), generator=learner.generator).tolist()
+        inner = [learner.inner_task(distribution[i]) for i in picks]
+        own = learner.meta_gradient(inner)
+        true = [dmgd.task_meta_gradient(learner.memory, task, learner.lr, learner.momentum, "unrolled")
+                for task in inner]
+        before = _flat(dict(learner.memory.named_parameters())).detach().clone()
+        dmgd.apply_meta_gradient(learner.memory, learner.meta_optimizer, own)
+        change = _flat(dict(learner.memory.named_parameters())).detach() - before
+        true_mean = -sum(_flat(g) for g in true) / len(true)
+        rows.append({"step": step + 1, "update_norm": float(change.norm()),
+                     "cos_own": _cosine(change, -_flat(own)), "cos_true": _cosine(change, true_mean)})
+    return pd.DataFrame(rows)
+
+
+def _flat(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors.values()])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.any() or not b.any():
+        return math.nan
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def step_directions(seeds: Sequence[int], steps: int) -> pd.DataFrame:
+    """:func:`meta_step_directions` for the replica as shipped (38cb25d) and commit 4f2b189 on
+    every seed, with ``seed`` and ``rule`` columns."""
+    return pd.concat([meta_step_directions(seed, steps, rule).assign(seed=seed, rule=rule)
+                      for rule in ("original", "detached") for seed in seeds], ignore_index=True)
+
+
 def first_meta_step_change(seed: int) -> float:
     """The largest change of a memory parameter in one meta-step of the replica's learner, on the
     first four of its shipped tasks."""
@@ -310,6 +441,17 @@ def first_meta_step_change(seed: int) -> float:
 def checkpoint_restores(memory: dmgd.LearnedMomentum, seed: int) -> dict[str, float]:
     """:func:`checkpoint_round_trip` on regression for each way of keying the saved memories."""
     return {keys: checkpoint_round_trip(memory, "regression", keys, seed) for keys in dmgd.MEMORY_KEYS}
+
+
+def production_requirements(growth: Sequence[float], restored: float, pretraining: Sequence[float],
+                            cms_error: int) -> dict[str, bool]:
+    """Four things an optimizer ready for production use would do, each from a measurement of the
+    replica as shipped: a meta-trained optimizer that does not blow up a new task (loss growth
+    < 2 on every seed), a checkpoint that restores the memory (share 1), meta-training that lowers
+    its own post-adaptation loss (ratio < 1 on every seed), and a CMS schedule that happens
+    (count error 0)."""
+    return {"does not blow up new tasks": max(growth) < 2, "checkpoint restores the memory": restored == 1,
+            "meta-training lowers its loss": max(pretraining) < 1, "CMS schedule happens": cms_error == 0}
 
 
 # --- section 2: the corrected optimizer against tuned hand-designed ones -------------------------
@@ -374,10 +516,10 @@ def win_rates(comparison: pd.DataFrame, family: str, steps: int, meta_seeds: Seq
 
 # --- section 3: the MetaLearner -------------------------------------------------------------------
 
-def tasks_reaching_the_gradient(seed: int) -> dict[str, int]:
+def tasks_reaching_the_gradient(seed: int, rule: str = "original") -> dict[str, int]:
     """Per aggregation of :mod:`~nested_lab.optim.meta`: how many of 4 distinct regression tasks
-    reach the replica learner's meta-gradient (:func:`contributing_tasks`)."""
-    replica, _ = replica_learner(seed)
+    reach the replica learner's meta-gradient (:func:`contributing_tasks`), under ``rule``."""
+    replica, _ = replica_learner(seed, rule=rule)
     swap_in = tasks("regression", 1, runtime.generator(seed + 300))[0]
     distinct = tasks("regression", 4, runtime.generator(seed + 301))
     reaching = {}
@@ -435,6 +577,39 @@ def closure_medians(memories: Mapping[tuple[str, int], dmgd.LearnedMomentum], se
             .groupby(["seed", "optimizer"])["val_loss"].median().unstack())
 
 
+def sinusoid_fit(count: int, seed: int) -> pd.DataFrame:
+    """Draw ``count`` sinusoid tasks (the replica's generator, seeded with ``seed``) and recover
+    each one's amplitude and phase from one batch by least squares on ``[sin x, cos x]`` (exact for
+    ``A sin(x + phase)``): columns ``task, amplitude, phase``."""
+    rows = []
+    for index, task in enumerate(tasks("sinusoid", count, runtime.generator(seed))):
+        inputs, targets = task(runtime.generator(seed + 1 + index))
+        basis = torch.cat([torch.sin(inputs), torch.cos(inputs)], dim=1).double()
+        (a,), (b,) = torch.linalg.lstsq(basis, targets.double()).solution.tolist()
+        rows.append({"task": index, "amplitude": math.hypot(a, b), "phase": math.atan2(b, a)})
+    return pd.DataFrame(rows)
+
+
+def sinusoid_checks(seeds: Sequence[int], count: int = 1000) -> pd.DataFrame:
+    """Per seed, from :func:`sinusoid_fit`: the largest recovered amplitude, the share of phases
+    in ``[0, pi]`` and the tasks' diversity (:func:`~nested_lab.optim.meta.task_diversity`)."""
+    rows = []
+    for seed in seeds:
+        fit = sinusoid_fit(count, seed)
+        rows.append({"seed": seed, "max_amplitude": fit["amplitude"].max(),
+                     "min_amplitude": fit["amplitude"].min(),
+                     "phase_in_range": float(fit["phase"].between(-1e-9, math.pi + 1e-9).mean()),
+                     "diversity": meta.task_diversity(tasks("sinusoid", 100, runtime.generator(seed)))})
+    return pd.DataFrame(rows)
+
+
+def validation_arguments() -> int:
+    """How many arguments of the replica's ``MetaLearner.meta_train`` could take held-out
+    validation tasks (a name containing "val"): the original's takes none."""
+    signature = inspect.signature(meta.MetaLearner.meta_train)
+    return sum("val" in name for name in signature.parameters)
+
+
 # --- section 4: the demo's noise ------------------------------------------------------------------
 
 def demo_with_null(seeds: Sequence[int]) -> pd.DataFrame:
@@ -483,10 +658,12 @@ def printed_schedule(chunk_sizes: Sequence[int], steps: int) -> np.ndarray:
     return np.stack([step % size == 0 for size in chunk_sizes])
 
 
-def printed_lines_reproduced(chunk_sizes: Sequence[int]) -> int:
-    """How many of the replica's printed lines (:data:`PRINTED_LINES`) :func:`printed_schedule`
-    reproduces."""
-    printed = printed_schedule(chunk_sizes, 9)
+def printed_lines_reproduced(chunk_sizes: Sequence[int], schedule: str = "printed") -> int:
+    """How many of the replica's printed lines (:data:`PRINTED_LINES`) a schedule reproduces: the
+    replica's printer (``"printed"``, :func:`printed_schedule`) or the correct one (``"correct"``,
+    :func:`~nested_lab.memory.cms.update_schedule`), a check that the comparison can fail."""
+    check_choice("schedule", schedule, ("printed", "correct"))
+    printed = printed_schedule(chunk_sizes, 9) if schedule == "printed" else update_schedule(chunk_sizes, 9)
     return int(sum(list(np.flatnonzero(printed[:, step])) == due for step, due in PRINTED_LINES))
 
 
@@ -600,6 +777,12 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     table.columns = [f"{measure}_{stat}" for measure, stat in table.columns]
     return table.reset_index()
 
+
+
+def arm_completes(results: pd.DataFrame, arm: str = ORIGINAL_ARM) -> list[float]:
+    """Per seed: 1 if the arm's online run gave a finite prequential and final loss, else 0."""
+    part = results[results["arm"] == arm]
+    return [float(np.isfinite(row.prequential_loss) and np.isfinite(row.final_loss)) for row in part.itertuples()]
 
 
 def gap_to_single(results: pd.DataFrame, measure: str, arm: str = CMS_ARM) -> pd.Series:

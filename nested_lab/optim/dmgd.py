@@ -8,7 +8,7 @@ an MLP trained by its own objective. The replica's optimizer keeps one memory ML
 
 with ``M_phi`` = Linear(2n, 64)-LayerNorm-ReLU-Linear(64, n), Xavier-uniform weights of
 gain 0.01 and zero biases (``n`` = the tensor's size). The memory's parameters ``phi``
-are trained on the loss after a few optimizer steps, ``L_val(W_k(phi))``. Two meta-gradients:
+are trained on the loss after a few optimizer steps, ``L_val(W_k(phi))``. Three meta-gradients:
 
 - ``"original"`` -- the replica's surrogate: minimise ``sum(M_phi(...) * grad_W L_val)`` over the
   memory outputs of the last inner step. Since the step is ``-lr * M_phi``, the true first-order
@@ -17,10 +17,14 @@ are trained on the loss after a few optimizer steps, ``L_val(W_k(phi))``. Two me
 - ``"unrolled"`` -- the gradient of ``L_val(W_k(phi))`` itself, through all ``k`` functional steps
   (``torch.func``, second-order terms included); ``last_step_only=True`` detaches all but the
   last step, which makes it exactly ``-lr`` times the original surrogate's gradient.
+- ``"detached"`` -- commit 4f2b189, the version the replica's completion report describes: the
+  step writes ``p.data``, which cuts the graph, so the validation loss does not depend on ``phi``
+  and autograd hands the memory no gradient at all (returned as zeros; the meta-step is a no-op).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from nested_lab import runtime
 from nested_lab.init import xavier_linear
 from nested_lab.parameters import check_choice, check_positive_ints, check_range
 
-META_GRADIENTS = ("original", "unrolled")
+META_GRADIENTS = ("original", "unrolled", "detached")
 MEMORY_KEYS = ("parameter_id", "name")
 Batch = tuple[torch.Tensor, torch.Tensor]
 Params = dict[str, torch.Tensor]
@@ -127,8 +131,11 @@ def task_meta_gradient(memory: LearnedMomentum, task: InnerTask, lr: float, beta
 
     ``rule="original"``: ``grad_phi sum_n <out_n, grad_W L_val(W_k)>`` over the last step's outputs
     (the replica's surrogate; ``last_step_only`` changes nothing, it has no other step).
-    ``rule="unrolled"``: ``grad_phi L_val(W_k(phi))`` through all steps, or through the last only."""
+    ``rule="unrolled"``: ``grad_phi L_val(W_k(phi))`` through all steps, or through the last only.
+    ``rule="detached"``: what autograd gives commit 4f2b189's in-place ``p.data`` steps."""
     check_choice("meta_gradient", rule, META_GRADIENTS)
+    if rule == "detached":
+        return _detached_gradient(memory, task, lr, beta)
     memory_params = {name: p.detach() for name, p in memory.named_parameters()}
     if rule == "original":
         return _surrogate_gradient(memory, memory_params, task, lr, beta)
@@ -157,6 +164,35 @@ def _surrogate_gradient(memory: LearnedMomentum, memory_params: Params, task: In
         return sum((outputs[name] * meta_gradient[name]).sum() for name in outputs)
 
     return grad(surrogate)(memory_params)
+
+
+def detached_unroll(memory: LearnedMomentum, task: InnerTask, lr: float, beta: float) -> nn.Module:
+    """Commit 4f2b189's inner loop: a copy of the task's model stepped in place through ``p.data``
+    (the memory's outputs built with autograd on, as there); returns the stepped model."""
+    model = copy.deepcopy(task.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(task.params[name])
+    named = dict(model.named_parameters())
+    momenta = {name: torch.zeros_like(p) for name, p in named.items()}
+    for inputs, targets in task.train_batches:
+        loss = task.loss_fn(model(inputs), targets)
+        gradients = dict(zip(named, torch.autograd.grad(loss, list(named.values()), create_graph=True), strict=True))
+        outputs = memory(gradients, momenta)
+        for name, p in named.items():
+            momenta[name] = beta * momenta[name] + outputs[name]
+            p.data.add_(momenta[name], alpha=-lr)  # as the replica: through p.data, off the graph
+    return model
+
+
+def _detached_gradient(memory: LearnedMomentum, task: InnerTask, lr: float, beta: float) -> Params:
+    """Commit 4f2b189's meta-gradient: autograd's gradient of the validation loss after
+    :func:`detached_unroll` with respect to the memory; a missing one is zero."""
+    model = detached_unroll(memory, task, lr, beta)
+    val_loss = task.loss_fn(model(task.val_batch[0]), task.val_batch[1])
+    names, params = zip(*memory.named_parameters(), strict=True)
+    found = torch.autograd.grad(val_loss, params, allow_unused=True)
+    return {name: torch.zeros_like(p) if g is None else g for name, p, g in zip(names, params, found, strict=True)}
 
 
 def _first_steps(task: InnerTask, steps: int) -> InnerTask:

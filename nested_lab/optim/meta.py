@@ -117,8 +117,8 @@ class MetaLearner:
     """Meta-trains a shared :class:`~nested_lab.optim.dmgd.LearnedMomentum` on a task distribution.
 
     ``model_fn(generator)`` builds a fresh model per task; ``rule``: the DMGD meta-gradient
-    (``"original"`` | ``"unrolled"``); ``meta_gradient``: how tasks are combined, see the module
-    docstring."""
+    (``"original"`` | ``"unrolled"`` | ``"detached"``, see :mod:`~nested_lab.optim.dmgd`);
+    ``meta_gradient``: how tasks are combined, see the module docstring."""
 
     def __init__(self, model_fn: Callable[[torch.Generator], nn.Module], memory: dmgd.LearnedMomentum, *,
                  generator: torch.Generator, lr: float = 0.01, momentum: float = 0.9, inner_steps: int = 5,
