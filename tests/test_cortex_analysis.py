@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from torch.func import jacrev
@@ -95,6 +97,28 @@ def test_probe_restores_the_memories_and_coverage_loss():
     assert audit.mean_loss(outputs, _batches()) == pytest.approx(
         sum(torch.nn.functional.cross_entropy(o.logits.flatten(0, 1), t.flatten()).item()
             for o, t in zip(outputs, _batches(), strict=True)) / 3, rel=1e-6)
+
+
+def test_stm_holds_one_entry_per_timestep_up_to_its_capacity():
+    """The code behind proof.stm-unbounded and proof.phase-point-128: every timestep of a pass
+    stores one entry, so a deque of 128 is first full after exactly 128 timestep stores and
+    never holds more (the model's carried STM, passes of 10 timesteps)."""
+    model = CortexGPT(CortexSetup.original(**{**SMALL, "stm_capacity": 128}).model, VOCAB, seed=0)
+    sizes = []
+    with torch.no_grad():
+        for tokens in _batches(20):
+            model(tokens)
+            sizes.append(model.stm.entries)
+    assert sizes == [min(10 * (i + 1), 128) for i in range(20)]
+    records = pd.DataFrame({"stm_entries": [64, 128, 128]})  # passes of 64 timesteps
+    assert audit.first_full_store([SimpleNamespace(records=records)], 128, 64) == [128]
+
+
+def test_finite_metric_leaves_out_diverged_runs():
+    runs = [SimpleNamespace(diverged=d, summary=lambda r=r: {"spike_ratio": r})
+            for d, r in ((False, 1.5), (True, 9.0), (False, 4.5))]
+    assert audit.finite_metric(runs, "spike_ratio") == [1.5, 4.5]
+    assert audit.finite_metric(runs[1:2], "spike_ratio") == []
 
 
 def test_log2_binomial():

@@ -101,6 +101,12 @@ def stress_table(groups: Mapping[str, list[CortexRun]]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["setting", "seed"])
 
 
+def finite_metric(runs: list[CortexRun], metric: str) -> list[float]:
+    """Per run that did not diverge, one of its :meth:`~CortexRun.summary` metrics (a diverged
+    run has no second half to measure)."""
+    return [run.summary()[metric] for run in runs if not run.diverged]
+
+
 def logit_growth(high: list[CortexRun], low: list[CortexRun]) -> list[float]:
     """Per seed, the largest |logit| of a run in ``high`` over that of the same seed's run in ``low``."""
     return [h.records["logit_max"].max() / lo.records["logit_max"].max() for h, lo in zip(high, low, strict=True)]
