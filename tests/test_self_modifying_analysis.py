@@ -75,3 +75,24 @@ def test_section_one_trace_and_the_lookalike_table():
     assert table.index.tolist() == ["decay", "noise"]
     assert table["mean |change|"].to_numpy() == pytest.approx([change, change], rel=0.1)
     assert analysis.titan_output_is_finite(0)
+
+
+def test_layer_and_delta_writes_compare_the_layer_with_the_delta_rule():
+    result = analysis.layer_and_delta_writes(0, rate=0.01, dim=16, count=4, memories=4)
+    assert result == analysis.layer_and_delta_writes(0, rate=0.01, dim=16, count=4, memories=4)
+    assert result["distance"] > 0.9  # the layer's update misses the delta rule's value term
+    assert result["top1: delta rule"] > 0.9
+    assert result["change: noise"] == pytest.approx(result["change: delta rule"], rel=0.2)
+    assert 0 < result["change: layer"] < 0.1 * result["change: delta rule"]
+    with pytest.raises(ValueError, match="rate must be finite and > 0"):
+        analysis.layer_and_delta_writes(0, rate=0.0)
+
+
+def test_the_seed_update_ignores_the_target_and_never_reaches_its_own_pass():
+    """Code properties behind chapter 4's paper-faithfulness records: the update of a
+    SelfModifyingLinear is the same whatever the layer should output, and the Titan's outputs in
+    a pass do not depend on the self-modification of that pass."""
+    assert analysis.update_target_dependence(0) == 0.0
+    assert analysis.update_target_dependence(3, dim=8) == 0.0
+    assert analysis.titan_in_context_reach(0) == 0.0
+    assert analysis.titan_in_context_reach(5) == 0.0

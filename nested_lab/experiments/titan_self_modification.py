@@ -32,8 +32,11 @@ memory kernels run.
    pass, then five more on the same input: the mean absolute change of the input projection);
    :func:`same_size_changes` produces a change of the same size by a weight decay and by noise.
    :func:`demo_attention_change` repeats the document's Demo 4; :func:`distance_to_delta_rule`
-   compares the seed's step with a delta-rule step; :func:`backward_succeeds` and
-   :func:`pending_after` test the two historical update variants.
+   compares the seed's step with a delta-rule step, :func:`layer_and_delta_writes` a layer's
+   writes of random pairs with the delta rule's (and with noise of the same size);
+   :func:`backward_succeeds` and :func:`pending_after` test the two historical update variants;
+   :func:`update_target_dependence` and :func:`titan_in_context_reach` measure two properties
+   fixed by the code: the update ignores the target, and never reaches its own pass's outputs.
 4. Multi-query associative recall (:func:`mqar_sweep`, :func:`reading_probes`,
    :func:`future_leakage`) with the models of :mod:`nested_lab.models.mqar`.
 5. Kernel speed (:func:`kernel_speeds`): the candidates of one kernel -- the per-token recurrence
@@ -384,6 +387,90 @@ def distance_to_delta_rule(seed: int, dim: int = 32, lr: float = 0.01) -> float:
     seed_step = self_modifying_update(weight, x.unsqueeze(0), lr) - weight
     delta_step = -lr * torch.outer(weight @ x - target, x) / x.square().sum()
     return float((seed_step - delta_step).norm() / delta_step.norm())
+
+
+def layer_and_delta_writes(seed: int, rate: float = 0.01, dim: int = 32, count: int = 8,
+                           memories: int = 16) -> dict[str, float]:
+    """Write the same ``count`` random pairs (:func:`random_pairs`, ``memories`` sequences) into a
+    ``SelfModifyingLinear(dim, dim, self_mod_lr=rate)`` -- one training-mode forward pass per key,
+    the layer has no value input -- and with the delta rule at ``beta = rate``, both from the
+    layer's initial weight ``W_0 = 0.01 randn`` (drawn under ``seed``); then read every key.
+
+    Returns ``distance`` = ``|dW_layer - dW_delta| / |dW_delta|`` (Frobenius over all memories;
+    0 if the layer's update were the delta rule's), the mean absolute weight change and the top-1
+    recall (:func:`recall_scores`) of the layer, the delta rule, and ``noise``: ``W_0`` plus
+    Gaussian noise whose mean absolute size is the delta rule's change (:func:`same_size_changes`).
+    """
+    check_range("rate", rate, 0, low_open=True)
+    check_positive_ints(memories=memories)
+    keys, values = random_pairs(count, dim, runtime.generator(seed), batch=memories)
+    changes = {"layer": [], "delta rule": [], "noise": []}
+    reads = {name: [] for name in changes}
+    with runtime.threads(1):  # tiny matrices: the thread pool only costs
+        for index, (sequence, targets) in enumerate(zip(keys, values, strict=True)):
+            _write_one(seed + index, rate, sequence, targets, changes, reads)
+    layer_change, delta_change = torch.stack(changes["layer"]), torch.stack(changes["delta rule"])
+    result = {"distance": float((layer_change - delta_change).norm() / delta_change.norm())}
+    for name in changes:
+        result[f"change: {name}"] = float(torch.stack(changes[name]).abs().mean())
+        result[f"top1: {name}"] = recall_scores(torch.stack(reads[name]), values)["top1"]
+    return result
+
+
+def _write_one(seed: int, rate: float, keys: Tensor, values: Tensor, changes: dict[str, list[Tensor]],
+               reads: dict[str, list[Tensor]]) -> None:
+    """One memory of :func:`layer_and_delta_writes`: append each writer's weight change and its
+    reads of ``keys`` ``[N, D]`` to ``changes`` and ``reads``."""
+    dim = keys.shape[-1]
+    with runtime.seeded(seed):
+        layer = SelfModifyingLinear(dim, dim, self_mod_lr=rate, bias=False).train()
+    start = layer.weight.detach().clone()
+    memory = start.clone()
+    with torch.no_grad():
+        for key, value in zip(keys, values, strict=True):
+            layer(key[None])
+            memory = memory - rate * torch.outer(memory @ key - value, key)  # the delta rule, W = S^T
+    noisy = same_size_changes(start, float((memory - start).abs().mean()), seed)["noise"]
+    for name, weight in (("layer", layer.weight.detach()), ("delta rule", memory), ("noise", noisy)):
+        changes[name].append(weight - start)
+        reads[name].append(keys @ weight.T)
+
+
+def update_target_dependence(seed: int, dim: int = 16) -> float:
+    """How much the self-modification of a ``SelfModifyingLinear(update="deferred")`` depends on
+    what the layer should output: one training-mode forward pass on a ``[4, dim]`` input, then
+    ``backward`` of the regression loss ``|y - v|^2`` for two different targets ``v``; returns
+    ``|term_1 - term_2| / |term_1|`` of the two pending updates. Nested Learning's update (delta
+    gradient descent) carries ``-lr grad_y L x^T``, which changes with the target."""
+    gen = runtime.generator(seed)
+    x = torch.randn(4, dim, generator=gen) + 1.0
+    targets = torch.randn(2, 4, dim, generator=gen)
+    terms = []
+    for target in targets:
+        with runtime.seeded(seed):
+            layer = SelfModifyingLinear(dim, dim, update="deferred").train()
+        (layer(x) - target).square().sum().backward()
+        terms.append(layer.pending_updates[0])
+    return float((terms[0] - terms[1]).norm() / terms[0].norm())
+
+
+def titan_in_context_reach(seed: int) -> float:
+    """Whether the Titan's self-modification reaches what the model outputs while it reads: the
+    largest change of the outputs of one training-mode forward pass of the document's Titan
+    (:func:`demo_weight_change`'s sizes, dropout 0) on a ``[4, 10, 64]`` input when its
+    self-modification is switched on rather than off, relative to the largest output. A Titans
+    memory writes at token ``t`` what later tokens of the same pass read."""
+    with runtime.seeded(seed):
+        model = SelfModifyingTitan(input_dim=64, hidden_dim=128, output_dim=64, num_layers=2, self_mod_lr=1e-3,
+                                   dropout=0.0).train()
+    x = torch.randn(4, 10, 64, generator=runtime.generator(seed))
+    with torch.no_grad():
+        off, _ = model(x, enable_self_modification=False)
+        on, _ = model(x, enable_self_modification=True)
+        changed = model.input_proj.update_count > 0
+    if not changed:
+        raise RuntimeError("the Titan did not modify itself; the comparison would be empty")
+    return float((on - off).abs().max() / off.abs().max())
 
 
 def titan_output_is_finite(seed: int) -> bool:
