@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -242,3 +243,61 @@ def test_restart_steps_and_step_time_ratios():
     assert ratios["a"] == 1.0 and ratios["b"] > 0
     with pytest.raises(ValueError, match="reference"):
         stabilized.step_time_ratios({"a": CortexSetup.original(**SMALL)}, "b")
+
+
+# --- chapter 3: rates, spreads, spikes and the document's buffer ------------------------------------
+
+def test_a_gradient_spike_fault_scales_the_gradient_and_the_adaptive_clipper_tightens():
+    setup = CortexSetup.phase1(**SMALL)
+    clean = cortex_train.train(setup, seed=0, steps=16)
+    fault = cortex_train.Fault(12, "grad_spike", scale=10.0)
+    faulted = cortex_train.train(setup, seed=0, steps=16, faults=(fault,))
+    at = {name: run.records.set_index("batch").loc[13] for name, run in (("clean", clean), ("faulted", faulted))}
+    assert at["faulted"]["grad_norm"] == pytest.approx(10 * at["clean"]["grad_norm"], rel=1e-4)
+    assert at["faulted"]["loss"] == at["clean"]["loss"] and not at["faulted"]["rollback"]  # the guard sees no spike
+    tighter, size, clean_tight = stabilized.injected_spike_clipping(faulted, clean, fault)
+    assert tighter == pytest.approx(10.0) and size > 3 and not clean_tight
+    small = cortex_train.Fault(12, "grad_spike", scale=1.5)  # under 3x the average: not a spike
+    tighter, size, _ = stabilized.injected_spike_clipping(cortex_train.train(setup, 0, 16, faults=(small,)), clean, small)
+    assert tighter == 1.0 and size < 3
+    with pytest.raises(ValueError, match="fault"):
+        stabilized.injected_spike_clipping(faulted, clean, cortex_train.Fault(12, "nan"))
+
+
+def test_layer_gradient_spread_is_the_std_of_log10_norms():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    for layer, scale in zip(model, (1.0, 100.0, 0.0), strict=True):  # a zero gradient is left out
+        layer.weight.grad = torch.full((2, 2), scale / 2)
+        layer.bias.grad = torch.ones(2) * 1e6  # biases are not weight matrices
+    model.register_parameter("gate_bias", nn.Parameter(torch.zeros(2, 1)))  # 2-D, but a bias
+    model.gate_bias.grad = torch.full((2, 1), 1e-9)
+    assert cortex_train._layer_gradient_spread(model) == pytest.approx(math.sqrt(2))
+    model[1].weight.grad = None
+    assert math.isnan(cortex_train._layer_gradient_spread(model))
+    run = cortex_train.train(CortexSetup.original(**SMALL), seed=0, steps=4)
+    assert run.records["layer_grad_spread"].between(0, 10).all()
+
+
+def test_counted_differences_leave_out_seeds_where_nothing_happened():
+    assert stabilized.counted_differences([0, 2, 1], [0, 3, 0]) == [-1, 1]
+    assert stabilized.counted_differences([0, 0], [0, 0]) == []
+
+
+def test_convergence_rate_and_roughness():
+    losses = [4.0, 3.0, 2.0, 1.0, 1.0, 1.0]
+    assert stabilized.steps_to_level(losses, 1.0, window=1) == 4
+    assert stabilized.steps_to_level(losses, 0.5, window=1) == 7  # never: one past the run
+    assert stabilized.steps_to_level(losses, 2.5, window=2) == 3  # moving means 4, 3.5, 2.5
+    fast, slow = SimpleNamespace(losses=[4.0, 1.0, 1.0, 1.0]), SimpleNamespace(losses=[4.0, 3.0, 2.0, 1.0])
+    assert stabilized.convergence_speed([fast], [slow], window=1) == [0.5]  # level 1: step 2 against 4
+    assert stabilized.convergence_speed([slow], [fast], window=1) == [2.0]
+    jagged = SimpleNamespace(losses=[9.0] * 4 + [1.0, 3.0, 1.0, 3.0])  # second half: steps of 2 at mean 2
+    assert stabilized.roughness([jagged, SimpleNamespace(losses=[5.0] * 6)]) == [pytest.approx(1.0), 0.0]
+
+
+def test_the_documents_buffer_never_ages_an_entry_past_its_capacity():
+    assert stabilized.document_buffer_ages(4, 100) == (4, 0)
+    assert stabilized.document_buffer_ages(128, 3) == (3, 0)
+    assert stabilized.document_buffer_ages(4, 0) == (0, 0)
+    with pytest.raises(ValueError, match="capacity"):
+        stabilized.document_buffer_ages(0, 10)

@@ -9,8 +9,8 @@ Kinds (the original's first):
 * ``"interval"`` (phase-1 summary, "structured consolidation"): the same, every
   ``interval`` training forward passes instead of at random.
 * ``"gradual"`` (solutions document, ``GradualConsolidation``): every ``interval``
-  passes; a candidate moves only if ``sigmoid(Linear(2d, 1)([k; v])) > 0.5``, and its
-  STM importance is halved. (The document also passes a weight to an LTM ``store``
+  passes; a candidate moves only if ``sigmoid(Linear(2d, 1)([k; v])) > 0.5``, and the
+  entries that moved stay in the STM with their importance halved ("decay, not remove"). (The document also passes a weight to an LTM ``store``
   it never defines; the replica's LTM has no weights, so it is dropped.)
 * ``"shipped_sync"`` (``cortex_gpt_unified.py``, synchronous path): triggered at each
   timestep with probability ``probability`` (0.1, the sleep-wake oscillator's
@@ -70,7 +70,7 @@ class Consolidator(nn.Module):
         if self.kind == "gradual" and len(keys):
             moving = torch.sigmoid(self.transfer_gate(torch.cat([keys, values], dim=-1))).squeeze(-1) > 0.5
             keys, values = keys[moving], values[moving]
-            stm.importance = torch.where(stm.counts >= self.threshold, stm.importance * 0.5, stm.importance)
+            stm.scale_importance(self.threshold, moving, 0.5)
         return self._store(keys, values, ltm)
 
     def _shipped(self, stm: ShortTermMemory, ltm: LongTermMemory, steps: int, generator: torch.Generator) -> int:

@@ -220,6 +220,15 @@ class ShortTermMemory(nn.Module):
         importance = torch.repeat_interleave(self.importance, self.entry_sizes)
         return self.keys[row_mask], self.values[row_mask], importance[row_mask]
 
+    def scale_importance(self, threshold: int, moved: torch.Tensor, factor: float) -> None:
+        """Multiply by ``factor`` the importance of every entry that has a row flagged in
+        ``moved``, a mask over the rows :meth:`candidates` returns for ``threshold``."""
+        chosen = torch.nonzero(self.counts >= threshold).flatten()
+        entry_of_row = torch.repeat_interleave(chosen, self.entry_sizes[chosen])
+        hit = torch.zeros_like(self.counts, dtype=torch.bool)
+        hit[entry_of_row[moved]] = True
+        self.importance = torch.where(hit, self.importance * factor, self.importance)
+
     def first_entries(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the ``count`` oldest entries (the shipped version's consolidation candidates)."""
         rows = int(self.entry_sizes[:count].sum())

@@ -72,6 +72,7 @@ class CortexConfig:
     gate: str = "softmax"
     gate_temperature: float = 1.0
     memory_norm: bool = False
+    memory_scale: bool = False  # the solutions document's learned scales of current, STM and LTM
     stop_gradient: bool = False
     residual_weight: float = 0.0
     output_norm: bool = False
@@ -163,6 +164,7 @@ class CortexGPT(nn.Module):
                 self.input_norm, self.mixer_norm = nn.LayerNorm(d), nn.LayerNorm(d)
             if config.memory_norm:
                 self.memory_norm = nn.LayerNorm(d)
+            if config.memory_scale:
                 self.memory_scale = nn.Parameter(torch.ones(3))
             if config.output_norm:
                 self.output_norm = nn.LayerNorm(d)
@@ -229,8 +231,10 @@ class CortexGPT(nn.Module):
             stm, ltm = stm.detach(), ltm.detach()
         gate_input = current
         if cfg.memory_norm:
+            stm, ltm = self.memory_norm(stm), self.memory_norm(ltm)
+        if cfg.memory_scale:
             scale = self.memory_scale
-            gate_input, stm, ltm = current * scale[2], self.memory_norm(stm) * scale[0], self.memory_norm(ltm) * scale[1]
+            gate_input, stm, ltm = current * scale[2], stm * scale[0], ltm * scale[1]
         mixed, gates = self.memory_gate(gate_input, stm, ltm)
         out = current + cfg.residual_weight * mixed if cfg.residual_weight else mixed
         return (self.output_norm(out) if cfg.output_norm else out), gates

@@ -45,6 +45,7 @@ class CortexTrainConfig:
     memory_clip: float = 0.5
     ema_decay: float | None = None
     loss: str = "cross_entropy"
+    label_smoothing: float = 0.1  # of the "regularised" loss (solutions document)
     spike_guard: bool = False
     spike_factor: float = 5.0
     checkpoint_every: int = 25
@@ -58,6 +59,7 @@ class CortexTrainConfig:
         for name in _POSITIVE:
             check_range(name, getattr(self, name), 0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
+        check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         check_range("restart_fraction", self.restart_fraction, 0, 1, low_open=True)
         check_range("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True)
         check_range("spike_factor", self.spike_factor, 1, low_open=True)
@@ -76,7 +78,8 @@ SOLUTION_FIXES: dict[str, dict] = {
     "temperature gate": {"gate": "temperature_softmax"},  # 1. learned temperature, bias, "residual"
     "Gumbel top-k 15%": {"selection": "gumbel_topk", "selection_tau": 0.1, "active_fraction": 0.15},  # 2.
     "gradual consolidation": {"consolidation": "gradual"},  # 3. at intervals, through a transfer gate
-    "norms and residual": {"memory_norm": True, "residual_weight": 1.0, "output_norm": True},  # 4.
+    "norms and residual": {"memory_norm": True, "memory_scale": True, "residual_weight": 1.0,
+                           "output_norm": True},  # 4.
     "regularised loss": {"loss": "regularised"},  # 5. label smoothing, gate and sparsity terms
     "separate memory optimizer": {"optimizer": "separate", "clipping": "separate"},  # 6. lr x0.1, clip 0.5
     "EMA 0.999": {"ema_decay": 0.999},  # 6. EMA of the weights

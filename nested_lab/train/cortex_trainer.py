@@ -48,7 +48,7 @@ from nested_lab.train.cortex_setup import CortexSetup, CortexTrainConfig
 from nested_lab.train.ema import WeightEMA
 from nested_lab.train.guards import SpikeGuard
 
-FAULTS = ("corrupt_batch", "lr_spike", "nan")
+FAULTS = ("corrupt_batch", "grad_spike", "lr_spike", "nan")
 GROUP_MULTIPLIERS = {"core": 1.0, "stm": 2.0, "ltm": 0.5, "consolidator": 0.8}
 VAL_BATCHES = 4
 
@@ -65,8 +65,10 @@ def corpus(train_chars: int | None = None) -> CharCorpus:
 @dataclass(frozen=True)
 class Fault:
     """An injected failure at batch index ``batch`` (fires once): ``"corrupt_batch"``
-    (every label replaced by the token the model finds least likely), ``"lr_spike"``
-    (learning rate times ``scale`` for one step) or ``"nan"`` (a NaN written into a weight)."""
+    (every label replaced by the token the model finds least likely), ``"grad_spike"``
+    (the loss times ``scale`` in the backward pass: every gradient times ``scale``, the
+    recorded loss unchanged), ``"lr_spike"`` (learning rate times ``scale`` for one step)
+    or ``"nan"`` (a NaN written into a weight)."""
 
     batch: int
     kind: str
@@ -110,10 +112,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: CortexTrainConfig, st
     return None
 
 
-def training_loss(out: CortexOutput, targets: torch.Tensor, loss: str, active_fraction: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(out: CortexOutput, targets: torch.Tensor, loss: str, active_fraction: float,
+                  label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimise, plain cross-entropy in nats). ``"regularised"`` is the solutions
-    document's: label smoothing 0.1, ``+ 0.1 * mean((g_t - g_{t-1})^2)``,
+    document's: label smoothing ``label_smoothing`` (0.1), ``+ 0.1 * mean((g_t - g_{t-1})^2)``,
     ``+ 0.05 * (2 - H)`` with ``H = -mean(g log g)`` over all gate entries, and
     ``+ 0.1 * (mean column weight - active_fraction)^2``."""
     logits, labels = out.logits.flatten(0, 1), targets.flatten()
@@ -124,8 +126,8 @@ def training_loss(out: CortexOutput, targets: torch.Tensor, loss: str, active_fr
     smoothness = ((gates[:, 1:] - gates[:, :-1]) ** 2).mean()
     entropy = -(gates * (gates + 1e-8).log()).mean()
     sparsity = (out.column_weights.mean() - active_fraction) ** 2
-    total = (F.cross_entropy(logits, labels, label_smoothing=0.1) + 0.1 * smoothness + 0.05 * (2.0 - entropy)
-             + 0.1 * sparsity)
+    total = (F.cross_entropy(logits, labels, label_smoothing=label_smoothing) + 0.1 * smoothness
+             + 0.05 * (2.0 - entropy) + 0.1 * sparsity)
     return total, cross_entropy
 
 
@@ -170,7 +172,8 @@ class CortexTrainer:
             out = self.model(inputs)
             if fault is not None and fault.kind == "corrupt_batch":
                 targets = out.logits.detach().argmin(dim=-1)
-            loss, cross_entropy = training_loss(out, targets, cfg.loss, self.setup.model.active_fraction)
+            loss, cross_entropy = training_loss(out, targets, cfg.loss, self.setup.model.active_fraction,
+                                                cfg.label_smoothing)
         if measure:
             self.activation_bytes = saved.bytes
         self.batches += 1
@@ -183,7 +186,7 @@ class CortexTrainer:
                                      "enable spike_guard to roll back instead")
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (fault.scale if fault is not None and fault.kind == "grad_spike" else 1.0)).backward()
         row = {**self._gradient_stats(), **self._clip()}
         self._optimizer_step(lr_factor=fault.scale if fault is not None and fault.kind == "lr_spike" else 1.0)
         self.step_count += 1
@@ -229,7 +232,7 @@ class CortexTrainer:
         columns = self.model.columns
         grads = [g for g in (columns.gate_weight.grad, columns.gate_bias.grad) if g is not None]
         return {"gate_grad": float(torch.cat([g.flatten() for g in grads]).norm()) if grads else 0.0,
-                "gate_grad_none": not grads}
+                "gate_grad_none": not grads, "layer_grad_spread": _layer_gradient_spread(self.model)}
 
     @torch.no_grad()
     def _output_stats(self, out: CortexOutput) -> dict:
@@ -390,6 +393,20 @@ def train(setup: CortexSetup, seed: int = 0, steps: int = 500, faults: tuple[Fau
                      trainer.guard.rollbacks if trainer.guard else 0,
                      trainer.clipper.spikes if trainer.clipper else 0,
                      trainer.model.ltm.size, trainer.model.consolidator.queued_rows, diverged, trainer.model)
+
+
+WEIGHT_NAMES = ("weight", "w1", "w2", "gate_weight")  # a layer's weight matrix; not biases, norms, scales
+
+
+def _layer_gradient_spread(model: nn.Module) -> float:
+    """Standard deviation, in decades, of the gradient norms of the weight matrices (parameters
+    of two or more dimensions named as in :data:`WEIGHT_NAMES`) that receive a non-zero
+    gradient; NaN when fewer than two do."""
+    norms = [p.grad.norm() for name, p in model.named_parameters()
+             if p.ndim >= 2 and name.rsplit(".", 1)[-1] in WEIGHT_NAMES and p.grad is not None]
+    norms = torch.stack(norms) if norms else torch.zeros(0)
+    norms = norms[norms > 0]
+    return float(norms.log10().std()) if len(norms) > 1 else math.nan
 
 
 def _share(out: CortexOutput, source: int) -> torch.Tensor:
