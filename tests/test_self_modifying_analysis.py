@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -96,3 +97,14 @@ def test_the_seed_update_ignores_the_target_and_never_reaches_its_own_pass():
     assert analysis.update_target_dependence(3, dim=8) == 0.0
     assert analysis.titan_in_context_reach(0) == 0.0
     assert analysis.titan_in_context_reach(5) == 0.0
+
+
+def test_top1_extreme_by_seed_gives_one_value_per_seed():
+    curves = pd.DataFrame({
+        "seed": [0, 0, 0, 1, 1, 1], "name": ["a", "b", "a", "a", "b", "c"],
+        "load": [0.5, 0.5, 4.0, 0.5, 0.5, 0.5], "top1": [0.9, 0.7, 0.2, 1.0, 0.95, 0.0],
+    })
+    assert analysis.top1_extreme_by_seed(curves, ["a", "b"], [0.5], "min") == [0.7, 0.95]
+    assert analysis.top1_extreme_by_seed(curves, ["a", "b"], [0.5, 4.0], "max") == [0.9, 1.0]
+    with pytest.raises(ValueError, match="unknown extreme 'mean'"):
+        analysis.top1_extreme_by_seed(curves, ["a"], [0.5], "mean")

@@ -691,3 +691,13 @@ def titans_staleness(length: int = 256, chunk_sizes: Sequence[int] = (4, 16, 64)
                                          / exact.norm())}
                 for size in chunk_sizes for where in GRADIENTS_AT]
     return pd.DataFrame(rows)
+
+
+def top1_extreme_by_seed(curves: pd.DataFrame, names: Sequence[str], loads: Sequence[float],
+                         extreme: str) -> list[float]:
+    """Per seed, the lowest (``extreme="min"``) or highest (``"max"``) top-1 recall among the
+    rules ``names`` at the loads ``loads``: one value per independent seeded run."""
+    check_choice("extreme", extreme, ("min", "max"))
+    rows = curves[curves["name"].isin(list(names)) & curves["load"].isin(list(loads))]
+    per_cell = rows.groupby(["seed", "name", "load"])["top1"].mean()
+    return per_cell.groupby("seed").agg(extreme).tolist()
