@@ -288,9 +288,15 @@ def probe(model: CortexGPT, batches: list[torch.Tensor], training: bool = False)
 
 def memory_gradient_norm(model: CortexGPT, tokens: torch.Tensor, targets: torch.Tensor) -> float:
     """Norm of the gradient that one training-mode loss reaches the STM's projections and the
-    LTM's networks with; the memories and the gradients are restored/cleared afterwards."""
+    LTM's networks with (:func:`gradient_norm_to`)."""
+    return gradient_norm_to(model, [*model.stm.parameters(), *model.ltm.parameters()], tokens, targets)
+
+
+def gradient_norm_to(model: CortexGPT, params: list[torch.nn.Parameter], tokens: torch.Tensor,
+                     targets: torch.Tensor) -> float:
+    """Norm of the gradient that one training-mode loss sends to ``params`` (0 when none reaches
+    them); the memories are restored and no ``.grad`` is written."""
     state, mode = model.memory_state(), model.training
-    params = [*model.stm.parameters(), *model.ltm.parameters()]
     model.train()
     try:
         out = model(tokens)

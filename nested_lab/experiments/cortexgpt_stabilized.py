@@ -16,7 +16,7 @@ import torch
 
 from nested_lab import runtime
 from nested_lab.experiments import bench
-from nested_lab.experiments.cortexgpt_instability import mean_loss, probe, tail_mean
+from nested_lab.experiments.cortexgpt_instability import gradient_norm_to, mean_loss, probe, tail_mean
 from nested_lab.memory.gates import MemoryGate
 from nested_lab.models.cortex import CortexGPT, CortexOutput
 from nested_lab.parameters import check_choice, check_range
@@ -469,17 +469,8 @@ def ema_training_change(setup: CortexSetup, seed: int, steps: int) -> float:
 def gradient_below_memory(model: CortexGPT, tokens: torch.Tensor, targets: torch.Tensor) -> float:
     """Norm of the gradient one training-mode loss sends to the layers below the memory loop
     (embedding, columns, column mixer); the memories are restored afterwards."""
-    state, mode = model.memory_state(), model.training
-    params = [*model.embedding.parameters(), *model.columns.parameters(), *model.column_mixer.parameters()]
-    model.train()
-    try:
-        out = model(tokens)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    finally:
-        model.train(mode)
-        model.load_memory_state(state)
-    return float(torch.stack([g.norm() for g in grads if g is not None]).norm())
+    below = [*model.embedding.parameters(), *model.columns.parameters(), *model.column_mixer.parameters()]
+    return gradient_norm_to(model, below, tokens, targets)
 
 
 @torch.no_grad()
