@@ -141,9 +141,7 @@ def default_directory() -> Path:
     (the nearest folder above the working directory that holds ``_toc.yml``)."""
     if env := os.environ.get(LEDGER_ENV):
         return Path(env).resolve()
-    here = Path.cwd().resolve()
-    root = next((p for p in (here, *here.parents) if (p / "_toc.yml").exists()), here)
-    return root / "_build" / "ledger"
+    return runtime.build_directory() / "ledger"
 
 
 class Ledger:

@@ -13,6 +13,7 @@ import os
 import random
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,6 +124,14 @@ def is_quick(default: bool = False) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"{QUICK_ENV}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+
+def build_directory() -> Path:
+    """``_build`` under the book's root: the nearest folder above the working directory that holds
+    ``_toc.yml`` (the working directory itself when there is none)."""
+    here = Path.cwd().resolve()
+    root = next((p for p in (here, *here.parents) if (p / "_toc.yml").exists()), here)
+    return root / "_build"
 
 
 def is_headless() -> bool:
