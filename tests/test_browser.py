@@ -26,7 +26,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SLIDER_PAGES = ["notebooks/00_reading_this_book.html", "notebooks/01_meta_loss_collapse.html",
                 "notebooks/02_cortexgpt_instability.html", "notebooks/04_titan_self_modification.html",
-                "notebooks/05_nested_optimizers.html"]
+                "notebooks/05_nested_optimizers.html", "notebooks/06_stability_plasticity.html"]
 
 
 def _require_chromium() -> None:

@@ -44,12 +44,19 @@ SEED_SENSITIVE_IN_QUICK_MODE = {
     "cortexfix.003-converges-faster",  # steps to a common loss level, 100-step runs
     "cortexfix.003-converges-smoother",  # roughness difference of about 0.01
     "cortexfix.balanced-memory-use",  # share-balance difference of a few hundredths
+    # chapter 6, one 150-step run per recipe on a model that has not acquired the behaviour yet:
+    "spt.apollo-flatter-minima",  # sharpness ratio of two single runs (0.88 vs 3.0)
+    "spt.diversity-spreads-gradient",  # cosine difference of a few hundredths
+    "spt.diversity-catches-sharp-minimum",  # sharpness ratio of two single runs (1.15 vs 0.79)
+    "spt.diverse-example-pulls-back",  # untestable when the injected fault costs < 0.05 accuracy
+    "spt.p5-multi-scale-most-robust",  # forgetting margin of +0.11 vs -0.03 nats
 }
 
 
 @pytest.mark.book
 @pytest.mark.parametrize("stem", ["01_meta_loss_collapse", "02_cortexgpt_instability", "03_cortexgpt_stabilized",
-                                  "04_titan_self_modification", "05_nested_optimizers"])
+                                  "04_titan_self_modification", "05_nested_optimizers",
+                                  "06_stability_plasticity"])
 def test_verdicts_do_not_depend_on_the_seed(stem, papermill_env, quick_book):
     pm.execute_notebook(ROOT / "notebooks" / f"{stem}.ipynb", papermill_env / f"{stem}.ipynb",
                         parameters={"SEED": 11}, kernel_name="python3", progress_bar=False, cwd=papermill_env)
