@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -129,10 +130,16 @@ def _pretrain(model: GPT, corpus: CharCorpus, config: Pretraining) -> list[tuple
 
 def general_loss(model: GPT, corpus: CharCorpus, windows: int, seed: int = 12345) -> float:
     """Mean next-character loss on ``windows`` fixed held-out windows of the documentation text."""
+    return general_scores(model, corpus, windows, seed)[0]
+
+
+def general_scores(model: GPT, corpus: CharCorpus, windows: int, seed: int = 12345) -> tuple[float, float]:
+    """Next-character loss and top-1 accuracy on ``windows`` fixed held-out windows."""
     x, y = corpus.sequences("val", windows, model.config.block_size, runtime.generator(seed))
     with torch.no_grad():
-        logits = model.logits(x.to(_device(model)))
-    return F.cross_entropy(logits.flatten(0, 1), y.to(logits.device).flatten()).item()
+        logits = model.logits(x.to(_device(model))).flatten(0, 1)
+    y = y.to(logits.device).flatten()
+    return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
 
 
 def flattening(curve: Sequence[tuple[int, float]]) -> float:
@@ -180,6 +187,9 @@ class Setting:
     same_topic: list[str]  # held-out contexts of the fine-tuning topics
     novel: list[str]  # contexts of held-out topics
     base_general: float = 0.0
+    base_general_accuracy: float = 0.0
+    base_behaviour: float = 0.0  # the pretrained model's judge accuracy
+    initial_accuracy: tuple[float, float] = (0.0, 0.0)  # an untrained model's: general text, behaviour
     base_context: float = 0.0
     fisher: dict = field(default_factory=dict)
 
@@ -191,7 +201,12 @@ def setting(base: Pretrained, scale: Scale, seed: int) -> Setting:
     same = contexts(task, task.train_topics, scale.eval_examples, gen, "test")
     novel = contexts(task, task.held_out_topics, scale.eval_examples, gen, "all")
     out = Setting(base, task, scale, same, novel)
-    out.base_general = general_loss(base.model, base.corpus, scale.retention_windows)
+    out.base_general, out.base_general_accuracy = general_scores(base.model, base.corpus, scale.retention_windows)
+    out.base_behaviour = rows.accuracy(base.model.eval(), task, same)
+    with runtime.seeded(seed):
+        untrained = GPT(base.model.config).to(_device(base.model)).eval()
+    out.initial_accuracy = (general_scores(untrained, base.corpus, scale.retention_windows)[1],
+                            rows.accuracy(untrained, task, same))
     out.base_context = context_loss(base.model, task, novel)
     return out
 
@@ -285,6 +300,7 @@ class Run:
     acquisition: float  # judge accuracy, held-out contexts of the fine-tuning topics
     novel: float  # judge accuracy, contexts of held-out topics
     general_loss: float
+    general_accuracy: float  # top-1 next-character accuracy on held-out text
     retention: float  # exp(-(general loss - pretrained general loss))
     context_change: float  # context-character loss minus the pretrained one (nats)
     drift: dict[str, float]
@@ -445,12 +461,12 @@ def _checkpoint(model: GPT, s: Setting, recipe: Recipe, memories: list[str], ste
 def _measure(model: GPT, s: Setting, recipe: Recipe, seed: int, anchor: dict, memories: list[str],
              curve: list[dict], counts: list[int], start: float) -> Run:
     model.eval()
-    loss = general_loss(model, s.base.corpus, s.scale.retention_windows)
+    loss, general_accuracy = general_scores(model, s.base.corpus, s.scale.retention_windows)
     demos = _demos(s, recipe, memories, len(s.novel))
     return Run(recipe, seed,
                acquisition=rows.accuracy(model, s.task, s.same_topic, demos),
                novel=rows.accuracy(model, s.task, s.novel, demos),
-               general_loss=loss, retention=math.exp(-(loss - s.base_general)),
+               general_loss=loss, general_accuracy=general_accuracy, retention=math.exp(-(loss - s.base_general)),
                context_change=context_loss(model, s.task, s.novel) - s.base_context,
                drift=plasticity.weight_drift(model, anchor), curve=curve,
                dreams_written=counts[0], dreams_kept=counts[1], dreams_right=counts[2],
@@ -471,10 +487,11 @@ def _update(model: GPT, anchor: dict) -> dict:
 
 
 def sharpness(s: Setting, run: Run, iterations: int = 10, count: int = 64) -> float:
-    """Top Hessian eigenvalue of the decision loss at the fine-tuned weights of ``run``, on its first
-    ``count`` real experiences (power iteration on Hessian-vector products)."""
+    """Top Hessian eigenvalue of the decision-token loss at the fine-tuned weights of ``run``
+    (power iteration on Hessian-vector products), on the same ``count`` held-out rows for every
+    run, so that every run's sharpness is that of one and the same loss."""
     model = model_of(s, run)
-    row_list = [s.task.row(c) for c in run.memories[:count]]
+    row_list = [s.task.row(c) for c in s.same_topic[:count]]
     ids = s.task.encode(row_list, _device(model))
     mask = s.task.decision_mask(row_list, ids.device)
 
@@ -610,10 +627,13 @@ def design(frame: pd.DataFrame, factors: Sequence[str] = FACTORS) -> pd.DataFram
     return pd.DataFrame(columns, index=frame.index)
 
 
-def fit_effects(frame: pd.DataFrame, outcome: str, factors: Sequence[str] = FACTORS) -> pd.DataFrame:
+def fit_effects(frame: pd.DataFrame, outcome: str, factors: Sequence[str] = FACTORS,
+                tests: int = 1) -> pd.DataFrame:
     """Least squares of ``outcome`` on main effects and pairwise interactions, with 95% intervals
     from the residual variance (normal approximation; no interval when the fit has no residual
-    degrees of freedom)."""
+    degrees of freedom), Bonferroni-widened when ``tests`` intervals are judged together."""
+    check_positive_ints(tests=tests)
+    z = NormalDist().inv_cdf(1 - 0.025 / tests)
     x = design(frame, factors)
     x.insert(0, "intercept", 1.0)
     a, y = x.to_numpy(), frame[outcome].to_numpy(float)
@@ -621,7 +641,7 @@ def fit_effects(frame: pd.DataFrame, outcome: str, factors: Sequence[str] = FACT
     dof = len(y) - a.shape[1]
     sigma2 = float(np.sum((y - a @ coef) ** 2) / dof) if dof > 0 else math.nan
     se = np.sqrt(np.diag(np.linalg.pinv(a.T @ a)) * sigma2)
-    return pd.DataFrame({"effect": coef, "low": coef - 1.96 * se, "high": coef + 1.96 * se}, index=x.columns)
+    return pd.DataFrame({"effect": coef, "low": coef - z * se, "high": coef + z * se}, index=x.columns)
 
 
 def r_squared(frame: pd.DataFrame, outcome: str, factors: Sequence[str] = FACTORS,
@@ -713,11 +733,12 @@ def bad_batch_damage(s: Setting, lrs: Sequence[float], seed: int) -> dict[float,
 def overfit_then_diverse(s: Setting, run: Run, lr: float, overfit_steps: int = 20,
                          diverse_steps: int = 1) -> dict[str, float]:
     """Fault: starting from the fine-tuned weights of ``run``, ``overfit_steps`` AdamW steps on a
-    batch that repeats one single experience; then ``diverse_steps`` steps on diverse batches.
+    batch that repeats one single experience; then ``diverse_steps`` steps on diverse batches, with
+    a fresh optimizer (the fault's momentum would otherwise carry on in the diverse step).
     The judge's accuracy on novel contexts before, after the fault, and after the diverse steps."""
     check_range("lr", lr, 0, low_open=True)
     check_positive_ints(overfit_steps=overfit_steps, diverse_steps=diverse_steps)
-    gen = runtime.generator(run.seed + 1)
+    gen = runtime.generator(10_000 + run.seed)
     model = model_of(s, run).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     one = contexts(s.task, s.task.train_topics, 1, gen, "train") * 16
@@ -728,6 +749,7 @@ def overfit_then_diverse(s: Setting, run: Run, lr: float, overfit_steps: int = 2
         for i in range(steps):
             _train_step(model, opt, s, chunk[16 * i % len(chunk):][:16])
         out[label] = rows.accuracy(model.eval(), s.task, s.novel)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # no momentum of the fault
     return out
 
 
@@ -821,10 +843,10 @@ def summary_table(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     return table[columns].agg(["mean", "min", "max"]).reindex(names)
 
 
-def constant_baseline(s: Setting) -> float:
-    """Judge accuracy of the best constant answer on the held-out contexts (the most common
-    decision): a model that learned nothing about the context can reach it."""
-    decisions = [s.task.decide(c) for c in s.same_topic]
+def constant_baseline(s: Setting, novel: bool = False) -> float:
+    """Judge accuracy of the best constant answer on the held-out contexts of the fine-tuning topics
+    (or on the novel ones): a model that learned nothing about the context can reach it."""
+    decisions = [s.task.decide(c) for c in (s.novel if novel else s.same_topic)]
     return max(decisions.count(d) for d in set(decisions)) / len(decisions)
 
 
@@ -879,3 +901,23 @@ def live_figure(s: Setting, lr: float, defences: Sequence[str], seed: int):
            title=f"lr {lr:g}, defences: {', '.join(defences) or 'none'}")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
+
+
+def gem_table(frame: pd.DataFrame, s: Setting, names: Sequence[str]) -> pd.DataFrame:
+    """GEM scores (Lopez-Paz & Ranzato 2017) of two tasks in sequence -- general text (next-character
+    accuracy), then the behaviour (judge accuracy) -- per recipe, mean over seeds. R[0] is the
+    pretrained model, R[1] the fine-tuned one, b an untrained model."""
+    out = []
+    for name in names:
+        for run in per_seed(frame, name, "run"):
+            accuracy = torch.tensor([[s.base_general_accuracy, s.base_behaviour],
+                                     [run.general_accuracy, run.acquisition]])
+            out.append({"name": name, **plasticity.gem_metrics(accuracy, torch.tensor(s.initial_accuracy))})
+    return pd.DataFrame(out).groupby("name", sort=False).mean().reindex(names)
+
+
+def drift_by_module(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Relative weight change of each module, per recipe and seed."""
+    return pd.DataFrame([{"name": name, "seed": run.seed, "module": group, "drift": value}
+                         for name in names for run in per_seed(frame, name, "run")
+                         for group, value in run.drift.items() if group != "all"])
